@@ -1,0 +1,1 @@
+"""Masklet actors package."""

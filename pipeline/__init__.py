@@ -1,0 +1,1 @@
+"""Masklet pipeline package."""
