@@ -1,0 +1,1 @@
+"""Masklet model package (filled in as the architecture boxes land)."""
