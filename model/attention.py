@@ -1,0 +1,172 @@
+"""Multi-head attention primitives shared by the SAM heads and the memory attention.
+
+`Attention` projects q/k/v (optionally into a smaller internal width), runs scaled dot-product
+attention per head and projects back. `RoPEAttention` additionally rotates queries and keys with
+2-D axial rotary position embeddings laid out over a square token grid.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class Attention(nn.Module):
+    """Multi-head attention whose heads work in `embedding_dim // downsample_rate` channels."""
+
+    def __init__(
+        self,
+        embedding_dim: int,
+        num_heads: int,
+        downsample_rate: int = 1,
+        dropout: float = 0.0,
+        kv_in_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.embedding_dim = embedding_dim
+        self.kv_in_dim = embedding_dim if kv_in_dim is None else kv_in_dim
+        self.internal_dim = embedding_dim // downsample_rate
+        self.num_heads = num_heads
+        assert self.internal_dim % num_heads == 0, "num_heads must divide embedding_dim // downsample_rate"
+
+        self.q_proj = nn.Linear(embedding_dim, self.internal_dim)
+        self.k_proj = nn.Linear(self.kv_in_dim, self.internal_dim)
+        self.v_proj = nn.Linear(self.kv_in_dim, self.internal_dim)
+        self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
+        self.dropout_p = dropout
+
+    def split_heads(self, x: Tensor) -> Tensor:
+        batch, tokens, channels = x.shape  # [B, N, C]
+        per_head = channels // self.num_heads
+        return x.view(batch, tokens, self.num_heads, per_head).transpose(1, 2)  # [B, heads, N, C/heads]
+
+    def merge_heads(self, x: Tensor) -> Tensor:
+        batch, heads, tokens, per_head = x.shape  # [B, heads, N, C/heads]
+        return x.transpose(1, 2).reshape(batch, tokens, heads * per_head)  # [B, N, C]
+
+    def project_qkv(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # q: [B, Nq, embedding_dim]; k, v: [B, Nk, kv_in_dim]
+        assert k.shape[-2] == v.shape[-2], "keys and values must have the same token count"
+        return self.split_heads(self.q_proj(q)), self.split_heads(self.k_proj(k)), self.split_heads(self.v_proj(v))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        # q: [B, heads, Nq, d], k/v: [B, heads, Nk, d] -> [B, Nq, embedding_dim]
+        dropout_p = self.dropout_p if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        return self.out_proj(self.merge_heads(out))
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        q, k, v = self.project_qkv(q, k, v)
+        return self.attend(q, k, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Axial 2-D rotary position embedding.
+# Each head's channels are viewed as consecutive pairs (c0, c1) = one complex number. The first
+# half of the pairs rotate with the token's x coordinate, the second half with its y coordinate,
+# each using frequencies theta ** (-4 i / head_dim). Tokens are laid out row-major on a grid of
+# width `grid_w`, so token t sits at x = t % grid_w, y = t // grid_w.
+# ---------------------------------------------------------------------------------------------
+
+
+def axial_rope_angles(head_dim: int, grid_w: int, grid_h: int, theta: float = 10000.0) -> Tensor:
+    """Rotation angles, shape [grid_w * grid_h, head_dim // 2] (x angles then y angles)."""
+    assert head_dim % 4 == 0, "axial RoPE needs head_dim divisible by 4"
+    exponents = torch.arange(0, head_dim, 4)[: head_dim // 4].float() / head_dim
+    inv_freq = 1.0 / (theta**exponents)  # [head_dim / 4]
+    token_index = torch.arange(grid_w * grid_h, dtype=torch.float32)
+    pos_x = token_index % grid_w
+    pos_y = torch.div(token_index, grid_w, rounding_mode="floor")
+    angles_x = pos_x[:, None] * inv_freq[None, :]  # [N, head_dim / 4]
+    angles_y = pos_y[:, None] * inv_freq[None, :]
+    return torch.cat([angles_x, angles_y], dim=-1)  # [N, head_dim / 2]
+
+
+def axial_rope_cos_sin(head_dim: int, grid_w: int, grid_h: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotation angles, each [grid_w * grid_h, head_dim // 2]."""
+    angles = axial_rope_angles(head_dim, grid_w, grid_h, theta)
+    return torch.cos(angles), torch.sin(angles)
+
+
+def broadcastable_rotation(table: Tensor, x_pairs: Tensor) -> Tensor:
+    """View a [N, P] cos/sin table so it broadcasts over x_pairs shaped [..., N, P, 2]."""
+    tokens, pairs = x_pairs.shape[-3], x_pairs.shape[-2]
+    assert table.shape == (tokens, pairs), f"rotation table {tuple(table.shape)} vs tokens/pairs {(tokens, pairs)}"
+    lead = [1] * (x_pairs.ndim - 3)
+    return table.view(*lead, tokens, pairs)
+
+
+def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate channel pairs of x [..., N, D] by angles whose cos/sin are [N, D/2]; computed in fp32."""
+    pairs = x.float().unflatten(-1, (-1, 2))  # [..., N, D/2, 2]
+    cos = broadcastable_rotation(cos, pairs)
+    sin = broadcastable_rotation(sin, pairs)
+    real, imag = pairs[..., 0], pairs[..., 1]
+    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
+    return rotated.flatten(-2).type_as(x)
+
+
+def apply_axial_rope(
+    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, repeat_for_k: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Rotate q [B, heads, Nq, D] with the [Nq, D/2] tables and k [B, heads, Nk, D] likewise.
+
+    With `repeat_for_k`, k holds several frames of Nq tokens each (Nk = r * Nq) and every frame
+    reuses q's positions.
+    """
+    q_out = rotate_pairs(q, cos, sin)
+    if k.shape[-2] == 0:
+        return q_out, k
+    if repeat_for_k:
+        repeats = k.shape[-2] // q.shape[-2]
+        assert repeats * q.shape[-2] == k.shape[-2], "key count must be a multiple of query count"
+        cos, sin = cos.repeat(repeats, 1), sin.repeat(repeats, 1)
+    return q_out, rotate_pairs(k, cos, sin)
+
+
+class RoPEAttention(Attention):
+    """Attention with axial rotary position encoding on a square token grid.
+
+    forward's `num_k_exclude_rope` trailing keys (object-pointer tokens) are not rotated.
+    """
+
+    def __init__(
+        self,
+        *args,
+        rope_theta: float = 10000.0,
+        rope_k_repeat: bool = False,
+        feat_sizes: tuple[int, int] = (64, 64),  # (w, h) of the stride-16 grid at 1024 px
+        **kwargs,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.rope_theta = rope_theta
+        self.rope_k_repeat = rope_k_repeat
+        self.head_dim = self.internal_dim // self.num_heads
+        # Plain attributes rather than buffers: they are not part of the checkpoint.
+        self.rope_grid = (int(feat_sizes[0]), int(feat_sizes[1]))
+        self.rope_cos, self.rope_sin = axial_rope_cos_sin(self.head_dim, *self.rope_grid, theta=rope_theta)
+
+    def rope_tables(self, num_tokens: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        if self.rope_cos.shape[0] != num_tokens:
+            # Token count differs from the configured grid (other image size): assume a square grid.
+            side = math.isqrt(num_tokens)
+            assert side * side == num_tokens, f"RoPE needs a square token grid, got {num_tokens} tokens"
+            self.rope_grid = (side, side)
+            self.rope_cos, self.rope_sin = axial_rope_cos_sin(self.head_dim, side, side, theta=self.rope_theta)
+        if self.rope_cos.device != device:
+            self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
+        return self.rope_cos, self.rope_sin
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, num_k_exclude_rope: int = 0) -> Tensor:
+        q, k, v = self.project_qkv(q, k, v)  # [B, heads, N, head_dim]
+        num_q = q.shape[-2]
+        if num_q != k.shape[-2]:
+            assert self.rope_k_repeat, "query/key token counts differ; RoPE needs rope_k_repeat=True"
+        cos, sin = self.rope_tables(num_q, q.device)
+
+        num_k_rope = k.shape[-2] - num_k_exclude_rope
+        q, k_rotated = apply_axial_rope(q, k[:, :, :num_k_rope], cos, sin, repeat_for_k=self.rope_k_repeat)
+        k = torch.cat([k_rotated, k[:, :, num_k_rope:]], dim=-2)
+        return self.attend(q, k, v)
