@@ -84,46 +84,37 @@ def axial_rope_angles(head_dim: int, grid_w: int, grid_h: int, theta: float = 10
     return torch.cat([angles_x, angles_y], dim=-1)  # [N, head_dim / 2]
 
 
-def axial_rope_cos_sin(head_dim: int, grid_w: int, grid_h: int, theta: float = 10000.0) -> tuple[Tensor, Tensor]:
-    """cos and sin of the rotation angles, each [grid_w * grid_h, head_dim // 2]."""
+def axial_rope_rotation(head_dim: int, grid_w: int, grid_h: int, theta: float = 10000.0) -> Tensor:
+    """Unit complex rotations e^{i angle}, complex64 [grid_w * grid_h, head_dim // 2].
+
+    Complex multiplication (rather than explicit cos/sin products) rounds exactly like the official
+    model; SAM 2 stores memories in bf16, where a one-ulp float difference can flip a rounding step.
+    """
     angles = axial_rope_angles(head_dim, grid_w, grid_h, theta)
-    return torch.cos(angles), torch.sin(angles)
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def broadcastable_rotation(table: Tensor, x_pairs: Tensor) -> Tensor:
-    """View a [N, P] cos/sin table so it broadcasts over x_pairs shaped [..., N, P, 2]."""
-    tokens, pairs = x_pairs.shape[-3], x_pairs.shape[-2]
-    assert table.shape == (tokens, pairs), f"rotation table {tuple(table.shape)} vs tokens/pairs {(tokens, pairs)}"
-    lead = [1] * (x_pairs.ndim - 3)
-    return table.view(*lead, tokens, pairs)
+def rotate_pairs(x: Tensor, rotation: Tensor) -> Tensor:
+    """Rotate channel pairs of x [..., N, D] (as complex numbers) by rotation [N, D/2]; computed in fp32."""
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))  # [..., N, D/2]
+    assert pairs.shape[-2:] == rotation.shape, f"rotation {tuple(rotation.shape)} vs pairs {tuple(pairs.shape[-2:])}"
+    return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
-def rotate_pairs(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate channel pairs of x [..., N, D] by angles whose cos/sin are [N, D/2]; computed in fp32."""
-    pairs = x.float().unflatten(-1, (-1, 2))  # [..., N, D/2, 2]
-    cos = broadcastable_rotation(cos, pairs)
-    sin = broadcastable_rotation(sin, pairs)
-    real, imag = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([real * cos - imag * sin, real * sin + imag * cos], dim=-1)
-    return rotated.flatten(-2).type_as(x)
-
-
-def apply_axial_rope(
-    q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, repeat_for_k: bool = False
-) -> tuple[Tensor, Tensor]:
-    """Rotate q [B, heads, Nq, D] with the [Nq, D/2] tables and k [B, heads, Nk, D] likewise.
+def apply_axial_rope(q: Tensor, k: Tensor, rotation: Tensor, repeat_for_k: bool = False) -> tuple[Tensor, Tensor]:
+    """Rotate q [B, heads, Nq, D] with the [Nq, D/2] rotations and k [B, heads, Nk, D] likewise.
 
     With `repeat_for_k`, k holds several frames of Nq tokens each (Nk = r * Nq) and every frame
     reuses q's positions.
     """
-    q_out = rotate_pairs(q, cos, sin)
+    q_out = rotate_pairs(q, rotation)
     if k.shape[-2] == 0:
         return q_out, k
     if repeat_for_k:
         repeats = k.shape[-2] // q.shape[-2]
         assert repeats * q.shape[-2] == k.shape[-2], "key count must be a multiple of query count"
-        cos, sin = cos.repeat(repeats, 1), sin.repeat(repeats, 1)
-    return q_out, rotate_pairs(k, cos, sin)
+        rotation = rotation.repeat(repeats, 1)
+    return q_out, rotate_pairs(k, rotation)
 
 
 class RoPEAttention(Attention):
@@ -146,27 +137,27 @@ class RoPEAttention(Attention):
         self.head_dim = self.internal_dim // self.num_heads
         # Plain attributes rather than buffers: they are not part of the checkpoint.
         self.rope_grid = (int(feat_sizes[0]), int(feat_sizes[1]))
-        self.rope_cos, self.rope_sin = axial_rope_cos_sin(self.head_dim, *self.rope_grid, theta=rope_theta)
+        self.rope_rotation = axial_rope_rotation(self.head_dim, *self.rope_grid, theta=rope_theta)
 
-    def rope_tables(self, num_tokens: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        if self.rope_cos.shape[0] != num_tokens:
+    def rope_table(self, num_tokens: int, device: torch.device) -> Tensor:
+        if self.rope_rotation.shape[0] != num_tokens:
             # Token count differs from the configured grid (other image size): assume a square grid.
             side = math.isqrt(num_tokens)
             assert side * side == num_tokens, f"RoPE needs a square token grid, got {num_tokens} tokens"
             self.rope_grid = (side, side)
-            self.rope_cos, self.rope_sin = axial_rope_cos_sin(self.head_dim, side, side, theta=self.rope_theta)
-        if self.rope_cos.device != device:
-            self.rope_cos, self.rope_sin = self.rope_cos.to(device), self.rope_sin.to(device)
-        return self.rope_cos, self.rope_sin
+            self.rope_rotation = axial_rope_rotation(self.head_dim, side, side, theta=self.rope_theta)
+        if self.rope_rotation.device != device:
+            self.rope_rotation = self.rope_rotation.to(device)
+        return self.rope_rotation
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, num_k_exclude_rope: int = 0) -> Tensor:
         q, k, v = self.project_qkv(q, k, v)  # [B, heads, N, head_dim]
         num_q = q.shape[-2]
         if num_q != k.shape[-2]:
             assert self.rope_k_repeat, "query/key token counts differ; RoPE needs rope_k_repeat=True"
-        cos, sin = self.rope_tables(num_q, q.device)
+        rotation = self.rope_table(num_q, q.device)
 
         num_k_rope = k.shape[-2] - num_k_exclude_rope
-        q, k_rotated = apply_axial_rope(q, k[:, :, :num_k_rope], cos, sin, repeat_for_k=self.rope_k_repeat)
+        q, k_rotated = apply_axial_rope(q, k[:, :, :num_k_rope], rotation, repeat_for_k=self.rope_k_repeat)
         k = torch.cat([k_rotated, k[:, :, num_k_rope:]], dim=-2)
         return self.attend(q, k, v)
