@@ -133,14 +133,14 @@ def install_torchvision_shim() -> None:
     tv = types.ModuleType("torchvision")
     transforms = types.ModuleType("torchvision.transforms")
 
-    class _Unused(torch.nn.Module):
+    class _Identity(torch.nn.Module):  # scriptable: SAM2Transforms wraps these in torch.jit.script
         def __init__(self, *args, **kwargs):
             super().__init__()
 
-        def forward(self, x):
-            raise RuntimeError("parity tests feed preprocessed tensors; torchvision transforms are not used")
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
 
-    transforms.Normalize = transforms.Resize = transforms.ToTensor = _Unused
+    transforms.Normalize = transforms.Resize = transforms.ToTensor = _Identity
     tv.transforms = transforms
     sys.modules["torchvision"] = tv
     sys.modules["torchvision.transforms"] = transforms

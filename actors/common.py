@@ -1,0 +1,135 @@
+"""Values the actors exchange with the engine, and how a model is rebuilt inside an actor process.
+
+Everything that crosses an actor boundary here is a small frozen dataclass of numpy arrays and
+scalars. Ray moves numpy arrays through its shared-memory object store without copying them per
+reader, so an embedding put once is read by every tracker of its stream from the same memory.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.types import FrameEmbedding
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build the model in any process; random weights are seeded so every copy agrees."""
+
+    name: str = "sam2.1_hiera_tiny"
+    checkpoint: str | None = None  # None: random weights; otherwise a local file path
+    image_size: int = 1024
+    device: str = "cpu"
+    factory: str = "model:build_model"  # "module:function"; tests point this at a fake
+    seed: int = 0
+
+    def build(self) -> Any:
+        module_name, func_name = self.factory.split(":")
+        build = getattr(importlib.import_module(module_name), func_name)
+        torch.manual_seed(self.seed)
+        model = build(name=self.name, checkpoint=self.checkpoint, image_size=self.image_size, device=self.device)
+        return model.eval() if hasattr(model, "eval") else model
+
+
+def limit_threads(num_threads: int | None) -> None:
+    """Cap intra-op threads: many actors on few cores must not each spawn one thread per core."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+        os.environ["OMP_NUM_THREADS"] = str(num_threads)
+
+
+def tracker_class(model: Any) -> Any:
+    """The class whose `from_state(model, state)` resumes a tracker."""
+    cls = getattr(model, "tracker_class", None)
+    if cls is not None:
+        return cls
+    from model import ObjectTracker  # the real model package
+
+    return ObjectTracker
+
+
+@dataclass(frozen=True)
+class EmbeddingPayload:
+    """A FrameEmbedding as numpy arrays: zero-copy through Ray's object store on CPU."""
+
+    high_res_0: np.ndarray
+    high_res_1: np.ndarray
+    image_embed: np.ndarray
+
+    @classmethod
+    def from_embedding(cls, emb: FrameEmbedding) -> "EmbeddingPayload":
+        def host(t: torch.Tensor) -> np.ndarray:
+            return t.detach().to("cpu").contiguous().numpy()
+
+        return cls(host(emb.high_res_feats[0]), host(emb.high_res_feats[1]), host(emb.image_embed))
+
+    def to_embedding(self, device: str | torch.device = "cpu") -> FrameEmbedding:
+        with warnings.catch_warnings():
+            # Object-store arrays are read-only; the trackers never write into their inputs.
+            warnings.simplefilter("ignore", UserWarning)
+            tensors = [torch.from_numpy(a) for a in (self.high_res_0, self.high_res_1, self.image_embed)]
+        if str(device) != "cpu":
+            tensors = [t.to(device, non_blocking=True) for t in tensors]
+        return FrameEmbedding(high_res_feats=(tensors[0], tensors[1]), image_embed=tensors[2])
+
+    @property
+    def nbytes(self) -> int:
+        return self.high_res_0.nbytes + self.high_res_1.nbytes + self.image_embed.nbytes
+
+
+def as_embedding(value: Any, device: str = "cpu") -> FrameEmbedding:
+    return value.to_embedding(device) if isinstance(value, EmbeddingPayload) else value
+
+
+@dataclass(frozen=True)
+class TrackedMask:
+    """One object's result on one frame, as the publisher needs it."""
+
+    object_id: int
+    frame_idx: int
+    mask: np.ndarray            # bool [H, W], video resolution
+    score: float                # object-presence logit
+    iou: float
+    logits: np.ndarray | None = None  # float32 [H, W], only when soft mattes are asked for
+
+    @property
+    def present(self) -> bool:
+        return self.score > 0
+
+
+@dataclass(frozen=True)
+class FrameMeta:
+    stream_id: str
+    frame_idx: int
+    pts: float
+    width: int
+    height: int
+    dropped_since_last: int = 0
+
+
+@dataclass(frozen=True)
+class StreamInfo:
+    """What a stream's publisher needs to open its sinks."""
+
+    stream_id: str
+    width: int
+    height: int
+    fps: float
+    object_ids: tuple[int, ...]
+    model_name: str
+    soft_masks: bool = False
+
+
+class InputError(RuntimeError):
+    """A source failed; carries its one-line reason. Plain (single-argument) so it crosses Ray
+    intact: exceptions with custom constructors, like SourceError, cannot be rebuilt by Ray."""
+
+
+def actor_pid() -> int:
+    return os.getpid()

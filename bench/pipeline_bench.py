@@ -1,0 +1,231 @@
+"""Pipeline throughput vs a plain in-process loop over the same model calls, and memory flatness.
+
+    .venv/bin/python bench/pipeline_bench.py [--frames 60] [--rss-frames 2000] [--image-size 256]
+
+1. Two inputs (the shared clips when present, else synthetic), one object each, through the Ray
+   engine (masklets.jsonl sink) vs a loop doing decode -> encode -> track -> RLE record per frame.
+   Prints the efficiency ratio (pipeline frames/s / loop frames/s; goal >= 0.9 on CPU) and the
+   encoder batch sizes actually run.
+2. One long synthetic stream: peak RSS of the driver plus every Ray worker, sampled while it runs;
+   flat means the last quarter's peak is within a few percent of the first quarter's.
+Writes bench/results/pipeline_bench.json, with the machine described.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import platform
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from actors.common import ModelSpec, StreamInfo  # noqa: E402
+from actors.publisher import build_record  # noqa: E402
+from actors.common import FrameMeta, TrackedMask  # noqa: E402
+from model import build_model  # noqa: E402
+from model.config import get_config  # noqa: E402
+from model.types import Prompt  # noqa: E402
+from pipeline.backend import RayBackend  # noqa: E402
+from pipeline.engine import Engine, EngineConfig, StreamSpec  # noqa: E402
+from pipeline.sources import open_source  # noqa: E402
+
+
+class JsonlOnly:
+    def __init__(self, path):
+        self.path = path
+
+    def __call__(self, info: StreamInfo):
+        from pipeline.sinks import JsonlSink
+
+        return [JsonlSink(Path(self.path) / info.stream_id / "masklets.jsonl")]
+
+
+class SyntheticSource:
+    """A coloured square moving over a gradient; endless-stream stand-in for the RSS run."""
+
+    def __init__(self, num_frames: int, width: int = 320, height: int = 240) -> None:
+        self.name, self.width, self.height, self.fps = "synthetic", width, height, 30.0
+        self.frame_count, self.is_live, self.num_frames = num_frames, False, num_frames
+
+    def frames(self):
+        from pipeline.sources import DecodedFrame
+
+        ys, xs = np.mgrid[0:self.height, 0:self.width]
+        base = np.stack([xs % 256, ys % 256, (xs + ys) % 256], -1).astype(np.uint8)
+        for i in range(self.num_frames):
+            rgb = base.copy()
+            x = (i * 3) % (self.width - 40)
+            rgb[100:140, x:x + 40] = (250, 10, 10)
+            yield DecodedFrame(i, i / self.fps, rgb, (self.width, self.height))
+
+    def close(self):
+        pass
+
+
+def inputs(frames: int):
+    clips = sorted((ROOT.parent / "shared" / "videos").glob("*.mp4"))[:2]
+    if len(clips) == 2:
+        return [(c.stem, functools.partial(open_source, str(c), max_frames=frames), (640.0, 360.0)) for c in clips]
+    return [(f"synthetic{i}", functools.partial(SyntheticSource, frames), (160.0, 120.0)) for i in range(2)]
+
+
+def plain_loop(spec: ModelSpec, streams) -> tuple[float, int]:
+    """What one process would do without the pipeline: same model calls, frame by frame."""
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.name, checkpoint=spec.checkpoint, image_size=spec.image_size, device=spec.device)
+    start, count = time.perf_counter(), 0
+    for stream_id, opener, (x, y) in streams:
+        src = opener()
+        tracker = None
+        for frame in src.frames():
+            with torch.inference_mode():
+                emb = model.encode(frame.rgb[None])[0]
+                if tracker is None:
+                    tracker = model.new_tracker(frame.rgb.shape[:2])
+                    result = tracker.step(frame.frame_idx, emb, Prompt(points=[[x, y]], labels=[1]))
+                else:
+                    result = tracker.step(frame.frame_idx, emb)
+            mask = TrackedMask(1, frame.frame_idx, (result.logits > 0).numpy(), result.score, result.iou)
+            meta = FrameMeta(stream_id, frame.frame_idx, frame.pts, frame.rgb.shape[1], frame.rgb.shape[0])
+            build_record(meta, [mask], spec.name).to_json_bytes()
+            count += 1
+    return time.perf_counter() - start, count
+
+
+def pipeline_run(spec: ModelSpec, streams, config: EngineConfig, out: Path, backend) -> dict:
+    first = {}
+
+    def progress(outcome):
+        first.setdefault("t", time.perf_counter())
+        first["n0"] = first.get("n0", outcome.frames_published)
+
+    engine = Engine(backend, spec, config, on_progress=progress)
+    engine.start_encoder()
+    backend.get(backend.call(engine.encoder, "pid"))  # model loaded before the clock starts
+    specs = [StreamSpec(sid, opener, {1: {0: Prompt(points=[[x, y]], labels=[1])}}, JsonlOnly(str(out)))
+             for sid, opener, (x, y) in streams]
+    start = time.perf_counter()
+    report = engine.run(specs)
+    wall = time.perf_counter() - start
+    engine.shutdown()
+    frames = sum(o.frames_published for o in report.streams.values())
+    failed = {sid: o.error for sid, o in report.streams.items() if not o.ok}
+    return {"wall_s": wall, "frames": frames, "fps": frames / wall, "failed": failed,
+            "batch_sizes": {str(k): v for k, v in sorted(report.batch_sizes.items())}}
+
+
+def _rss_bytes(pid: str) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def rss_total() -> int:
+    """RSS of this process plus every Ray worker (Linux /proc; psutil is not a dependency)."""
+    total = _rss_bytes(str(os.getpid()))
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and entry.name != str(os.getpid()):
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.startswith(b"ray::"):
+                total += _rss_bytes(entry.name)
+    return total
+
+
+def rss_run(spec: ModelSpec, frames: int, config: EngineConfig, out: Path, backend) -> dict:
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            samples.append((time.perf_counter(), rss_total()))
+            stop.wait(1.0)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    stream = StreamSpec("long", functools.partial(SyntheticSource, frames),
+                        {1: {0: Prompt(points=[[160, 120]], labels=[1])}}, JsonlOnly(str(out)))
+    engine = Engine(backend, spec, config)
+    start = time.perf_counter()
+    report = engine.run([stream])
+    stop.set()
+    thread.join()
+    engine.shutdown()
+    values = [v for _, v in samples]
+    quarter = max(1, len(values) // 4)
+    return {"frames": report.streams["long"].frames_published, "wall_s": time.perf_counter() - start,
+            "peak_rss_mb": max(values) / 2**20, "first_quarter_peak_mb": max(values[:quarter]) / 2**20,
+            "last_quarter_peak_mb": max(values[-quarter:]) / 2**20, "samples": len(values)}
+
+
+def machine() -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
+            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads()}
+    import ray
+
+    info["ray"] = ray.__version__
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frames", type=int, default=60)
+    parser.add_argument("--rss-frames", type=int, default=2000)
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--model", default="sam2.1_hiera_tiny")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    spec = ModelSpec(args.model, None, args.image_size, device)
+    delay = get_config(args.model, image_size=args.image_size).max_obj_ptrs_in_encoder - 1
+    config = EngineConfig(max_batch_size=4, max_wait_ms=10, backward_delay=delay,
+                          encoder_gpus=0.5 if device == "cuda" else 0.0, tracker_gpus=0.01 if device == "cuda" else 0.0)
+    streams = inputs(args.frames)
+    print(f"machine: {machine()}")
+    loop_s, loop_frames = plain_loop(spec, streams)
+    loop_fps = loop_frames / loop_s
+    print(f"plain loop: {loop_frames} frames in {loop_s:.1f}s = {loop_fps:.2f} frames/s")
+    backend = RayBackend(init_kwargs={"num_cpus": os.cpu_count()})
+    import tempfile
+
+    scratch = Path(tempfile.mkdtemp(prefix="masklet-bench-"))
+    pipe = pipeline_run(spec, streams, config, scratch, backend)
+    ratio = pipe["fps"] / loop_fps
+    print(f"pipeline:   {pipe['frames']} frames in {pipe['wall_s']:.1f}s = {pipe['fps']:.2f} frames/s")
+    print(f"efficiency ratio (pipeline / loop): {ratio:.2f} (goal >= 0.9 on CPU)")
+    print(f"encoder batch sizes (size: count): {pipe['batch_sizes']}")
+    rss = rss_run(spec, args.rss_frames, config, scratch, backend) if args.rss_frames else None
+    if rss:
+        print(f"RSS over {rss['frames']} frames: peak {rss['peak_rss_mb']:.0f} MB; first quarter peak "
+              f"{rss['first_quarter_peak_mb']:.0f} MB, last quarter peak {rss['last_quarter_peak_mb']:.0f} MB")
+    backend.shutdown()
+    result = {"machine": machine(), "model": args.model, "image_size": args.image_size, "device": device,
+              "inputs": [s[0] for s in streams], "frames_per_input": args.frames,
+              "loop": {"frames": loop_frames, "wall_s": loop_s, "fps": loop_fps}, "pipeline": pipe,
+              "efficiency_ratio": ratio, "rss": rss}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "pipeline_bench.json").write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out / 'pipeline_bench.json'}")
+
+
+if __name__ == "__main__":
+    main()

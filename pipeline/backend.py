@@ -1,0 +1,297 @@
+"""Where actors live: in this process (tests, debugging) or as Ray actors (the CLI default).
+
+The engine only ever talks to a `Backend`: spawn a named actor from a plain class, call one of its
+methods and get a future back, wait for futures, put a value once so several calls can share it,
+kill and restart. Everything else in the pipeline is plain Python and runs the same on both.
+
+Failures surface as two exception types whatever the backend:
+  `ActorDiedError`  the actor process is gone (killed, crashed, OOM); restart it and retry.
+  `ActorCallError`  the method itself raised; the message names the original exception.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+
+class ActorDiedError(RuntimeError):
+    """The actor serving a call is dead; its state is lost."""
+
+
+class ActorCallError(RuntimeError):
+    """An actor method raised; the actor itself is still alive.
+
+    `reason` is the original exception's one-line message and `kind` its class name, so callers
+    can show a user-facing error (a SourceError names the file and reason) without a traceback.
+    """
+
+    def __init__(self, message: str, reason: str = "", kind: str = "") -> None:
+        super().__init__(message)
+        self.reason = reason or message
+        self.kind = kind
+
+
+@dataclass(frozen=True)
+class ActorOptions:
+    """Placement hints. CPU actors default to 0 scheduling CPUs so many small actors fit on a laptop."""
+
+    num_cpus: float = 0.0
+    num_gpus: float = 0.0
+    # Environment for the actor's process (thread caps, mostly); ignored in-process.
+    env: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class ActorHandle:
+    """A restartable reference to one actor; `generation` grows by one on every restart."""
+
+    name: str
+    cls: type
+    args: tuple
+    kwargs: dict
+    options: ActorOptions
+    impl: Any = None
+    generation: int = 0
+
+
+class Backend(ABC):
+    @abstractmethod
+    def spawn(self, name: str, cls: type, *args: Any, options: ActorOptions = ActorOptions(), **kwargs: Any) -> ActorHandle:
+        ...
+
+    @abstractmethod
+    def call(self, actor: ActorHandle, method: str, *args: Any, num_returns: int = 1) -> Any:
+        """Submit `actor.method(*args)`; returns a future, or a list of `num_returns` futures.
+
+        Futures (and values from `put`) passed as top-level arguments are resolved before the
+        method runs, as Ray does. Calls to one actor run in submission order.
+        """
+
+    @abstractmethod
+    def wait(self, futures: Sequence[Any], timeout: float | None) -> tuple[list[Any], list[Any]]:
+        """Split `futures` into (ready, pending), blocking up to `timeout` for at least one."""
+
+    @abstractmethod
+    def get(self, future: Any) -> Any:
+        """The value of a finished future; raises ActorDiedError or ActorCallError."""
+
+    @abstractmethod
+    def put(self, value: Any) -> Any:
+        """Store `value` once; the returned reference can be passed to many calls without copies."""
+
+    @abstractmethod
+    def kill(self, actor: ActorHandle) -> None:
+        ...
+
+    def restart(self, actor: ActorHandle, *args: Any, **kwargs: Any) -> ActorHandle:
+        """Replace a (dead) actor by a fresh one with the same name; new constructor args optional."""
+        self.kill(actor)
+        actor.generation += 1
+        if args or kwargs:
+            actor.args, actor.kwargs = args, kwargs
+        actor.impl = self._create(actor)
+        return actor
+
+    def spawn_handle(self, name: str, cls: type, args: tuple, kwargs: dict, options: ActorOptions) -> ActorHandle:
+        actor = ActorHandle(name, cls, args, kwargs, options)
+        actor.impl = self._create(actor)
+        return actor
+
+    @abstractmethod
+    def _create(self, actor: ActorHandle) -> Any:
+        ...
+
+    def shutdown(self) -> None:
+        """Release what this backend started (not a Ray session it did not start)."""
+
+    @property
+    def zero_copy_numpy(self) -> bool:
+        """Whether numpy arrays passed through `put` are shared rather than copied per reader."""
+        return False
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process: calls run synchronously at submission, futures are already resolved.
+
+
+@dataclass(eq=False)  # hashable by identity, like a Ray ObjectRef
+class LocalFuture:
+    value: Any = None
+    error: BaseException | None = None
+    seq: int = 0
+
+
+@dataclass(frozen=True)
+class LocalRef:
+    value: Any
+
+
+@dataclass
+class _LocalActor:
+    instance: Any
+    alive: bool = True
+
+
+class InProcessBackend(Backend):
+    """Runs every actor as an object in this process; `kill` makes later calls fail like a dead actor."""
+
+    def __init__(self) -> None:
+        self._seq = itertools.count()
+        self.calls: list[tuple[str, str]] = []  # (actor name, method), for tests that check routing
+
+    def spawn(self, name: str, cls: type, *args: Any, options: ActorOptions = ActorOptions(), **kwargs: Any) -> ActorHandle:
+        return self.spawn_handle(name, cls, args, kwargs, options)
+
+    def _create(self, actor: ActorHandle) -> _LocalActor:
+        args = [self._resolve(a) for a in actor.args]
+        kwargs = {k: self._resolve(v) for k, v in actor.kwargs.items()}
+        return _LocalActor(actor.cls(*args, **kwargs))
+
+    def call(self, actor: ActorHandle, method: str, *args: Any, num_returns: int = 1) -> Any:
+        self.calls.append((actor.name, method))
+        local: _LocalActor = actor.impl
+        if not local.alive:
+            futures = [LocalFuture(error=ActorDiedError(f"actor {actor.name} is dead"), seq=next(self._seq))
+                       for _ in range(num_returns)]
+            return futures[0] if num_returns == 1 else futures
+        try:
+            value = getattr(local.instance, method)(*[self._resolve(a) for a in args])
+            error = None
+        except ActorDiedError as exc:  # a stub simulating a crash from inside a call
+            local.alive = False
+            value, error = None, exc
+        except Exception as exc:  # noqa: BLE001 - the caller decides what a failed call means
+            value, error = None, ActorCallError(f"{actor.name}.{method}: {type(exc).__name__}: {exc}",
+                                                _first_line(exc), type(exc).__name__)
+            error.__cause__ = exc
+        if num_returns == 1:
+            return LocalFuture(value, error, next(self._seq))
+        values = list(value) if error is None else [None] * num_returns
+        if error is None and len(values) != num_returns:
+            error = ActorCallError(f"{actor.name}.{method} returned {len(values)} values, expected {num_returns}")
+        return [LocalFuture(v, error, next(self._seq)) for v in values]
+
+    def _resolve(self, arg: Any) -> Any:
+        if isinstance(arg, LocalFuture):
+            return self.get(arg)
+        if isinstance(arg, LocalRef):
+            return arg.value
+        return arg
+
+    def wait(self, futures: Sequence[Any], timeout: float | None) -> tuple[list[Any], list[Any]]:
+        return list(futures), []
+
+    def get(self, future: Any) -> Any:
+        if isinstance(future, LocalRef):
+            return future.value
+        if future.error is not None:
+            raise future.error
+        return future.value
+
+    def put(self, value: Any) -> Any:
+        return LocalRef(value)
+
+    def kill(self, actor: ActorHandle) -> None:
+        if actor.impl is not None:
+            actor.impl.alive = False
+
+
+# ---------------------------------------------------------------------------------------------
+# Ray: one named actor per handle; restarts are explicit so the engine decides what to replay.
+
+
+class RayBackend(Backend):
+    """Ray actors. Starts a local Ray session when none is running (and stops it on shutdown)."""
+
+    def __init__(self, namespace: str | None = None, init_kwargs: dict | None = None) -> None:
+        import ray
+
+        self._ray = ray
+        self._started_ray = False
+        if not ray.is_initialized():
+            kwargs = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}
+            kwargs.update(init_kwargs or {})
+            ray.init(**kwargs)
+            self._started_ray = True
+        # A per-run prefix keeps actor names unique when several engines share one Ray session.
+        self._prefix = namespace or f"masklet-{os.getpid()}-{time.monotonic_ns() % 10**9}"
+        self._remote_classes: dict[type, Any] = {}
+
+    @property
+    def zero_copy_numpy(self) -> bool:
+        return True
+
+    def spawn(self, name: str, cls: type, *args: Any, options: ActorOptions = ActorOptions(), **kwargs: Any) -> ActorHandle:
+        return self.spawn_handle(name, cls, args, kwargs, options)
+
+    def _create(self, actor: ActorHandle) -> Any:
+        remote_cls = self._remote_classes.get(actor.cls)
+        if remote_cls is None:
+            remote_cls = self._remote_classes[actor.cls] = self._ray.remote(actor.cls)
+        opts: dict[str, Any] = {
+            "name": f"{self._prefix}/{actor.name}#{actor.generation}",
+            "num_cpus": actor.options.num_cpus,
+            "num_gpus": actor.options.num_gpus,
+            "max_restarts": 0,  # the engine restarts actors itself, with the state it chooses
+            "max_task_retries": 0,
+        }
+        if actor.options.env:
+            opts["runtime_env"] = {"env_vars": dict(actor.options.env)}
+        return remote_cls.options(**opts).remote(*actor.args, **actor.kwargs)
+
+    def call(self, actor: ActorHandle, method: str, *args: Any, num_returns: int = 1) -> Any:
+        bound = getattr(actor.impl, method)
+        if num_returns != 1:
+            bound = bound.options(num_returns=num_returns)
+        return bound.remote(*args)
+
+    def wait(self, futures: Sequence[Any], timeout: float | None) -> tuple[list[Any], list[Any]]:
+        if not futures:
+            return [], []
+        ray = self._ray
+        # fetch_local=False: the driver only needs to know a result exists, the value goes on by reference.
+        ready, pending = ray.wait(list(futures), num_returns=1, timeout=timeout, fetch_local=False)
+        if ready and pending:
+            more, pending = ray.wait(pending, num_returns=len(pending), timeout=0, fetch_local=False)
+            ready += more
+        return ready, pending
+
+    def get(self, future: Any) -> Any:
+        ray = self._ray
+        try:
+            return ray.get(future)
+        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
+                ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError) as exc:
+            raise ActorDiedError(_first_line(exc)) from None
+        except ray.exceptions.UnserializableException as exc:
+            raise ActorCallError(_first_line(exc), _first_line(exc), "UnserializableException") from None
+        except ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+            if isinstance(cause, ActorDiedError):
+                raise ActorDiedError(str(cause)) from None
+            raise ActorCallError(f"{type(cause).__name__}: {_first_line(cause)}", _first_line(cause),
+                                 type(cause).__name__) from None
+
+    def put(self, value: Any) -> Any:
+        return self._ray.put(value)
+
+    def kill(self, actor: ActorHandle) -> None:
+        if actor.impl is not None:
+            try:
+                self._ray.kill(actor.impl, no_restart=True)
+            except Exception:  # noqa: BLE001 - already gone is fine
+                pass
+
+    def shutdown(self) -> None:
+        if self._started_ray and self._ray.is_initialized():
+            self._ray.shutdown()
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+

@@ -1,0 +1,210 @@
+"""`masklet segment INPUT... --out DIR`: the offline job over files, folders and URLs.
+
+All inputs run concurrently through one engine, so their frames share the batched encoder.
+Outputs go to DIR/<input stem>/: masklets.jsonl, per-object mask (or alpha) videos, preview.mp4.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from actors.common import ModelSpec, StreamInfo
+from model.types import Prompt
+from pipeline.engine import Engine, EngineConfig, EngineEvent, StreamOutcome, StreamSpec
+
+RANDOM_WEIGHTS_WARNING = (
+    "WARNING: --checkpoint random: the model has RANDOM WEIGHTS. The masks are MEANINGLESS; "
+    "this run only exercises the pipeline (smoke test)."
+)
+SMOKE_BANNER = "SMOKE RUN - random weights - masks are meaningless"
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("segment", help="segment objects in video files, folders or URLs",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="video file, image folder or http(s)/rtsp URL")
+    p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (one subfolder per input)")
+    p.add_argument("--point", action="append", default=[], metavar="x,y[@frame]", help="one object per flag, every input")
+    p.add_argument("--box", action="append", default=[], metavar="x0,y0,x1,y1[@frame]", help="one object per flag")
+    p.add_argument("--prompts", type=Path, metavar="FILE", help="per-input objects (JSON or YAML)")
+    p.add_argument("--model", default="sam2.1_hiera_tiny")
+    p.add_argument("--checkpoint", default="auto", help="auto (download official weights), a .pt path, or random")
+    p.add_argument("--image-size", type=int, default=1024)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--max-frames", type=int, metavar="N", help="stop each input after N frames")
+    p.add_argument("--soft-masks", action="store_true", help="8-bit alpha mattes from the logits instead of binary masks")
+    p.add_argument("--no-preview", action="store_true", help="skip preview.mp4")
+    p.add_argument("--backend", default="ray", choices=("ray", "inprocess"), help=argparse.SUPPRESS)
+    p.add_argument("--config", type=Path, help="YAML config (pipeline batching, queues, snapshots)")
+    p.set_defaults(func=run_segment)
+
+
+@dataclass(frozen=True)
+class SegmentOutputs:
+    """Builds one input's sinks inside its publisher actor."""
+
+    out_dir: str
+    soft_masks: bool
+    preview: bool
+    banner: str | None = None
+
+    def __call__(self, info: StreamInfo) -> list:
+        from pipeline.sinks import AlphaMatteSink, JsonlSink, MaskVideoSink, PreviewSink
+
+        out = Path(self.out_dir)
+        fps = info.fps or 30.0
+        sinks = [JsonlSink(out / "masklets.jsonl"),
+                 (AlphaMatteSink if self.soft_masks else MaskVideoSink)(out, fps)]
+        if self.preview:
+            sinks.append(PreviewSink(out / "preview.mp4", fps, banner=self.banner))
+        return sinks
+
+
+def _usage_error(message: str) -> int:
+    print(f"masklet segment: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _to_model_prompt(p: Any) -> Prompt:
+    mask = p.load_mask()
+    if mask is not None:
+        return Prompt(mask=mask)
+    return Prompt(points=list(p.points) or None, labels=list(p.labels) or None,
+                  box=None if p.box is None else list(p.box))
+
+
+def _stream_ids(inputs: Sequence[str]) -> list[str]:
+    ids, seen = [], {}
+    for text in inputs:
+        stem = Path(text.rstrip("/")).stem or "input"
+        seen[stem] = seen.get(stem, 0) + 1
+        ids.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return ids
+
+
+def run_segment(args: argparse.Namespace) -> int:
+    from model.checkpoints import CheckpointError, resolve_checkpoint
+    from pipeline.config import ConfigError, load_settings
+    from pipeline.prompt_specs import PromptSpecError, build_prompt_spec
+    from pipeline.sources import open_source
+
+    try:
+        settings = load_settings(args.config, model={"name": args.model, "checkpoint": args.checkpoint,
+                                                     "image_size": args.image_size, "device": args.device})
+        spec = build_prompt_spec(args.point, args.box, args.prompts)
+        if args.max_frames is not None and args.max_frames < 1:
+            raise ValueError(f"--max-frames must be at least 1, got {args.max_frames}")
+        objects_per_input = []
+        for text in args.inputs:
+            objects: dict[int, dict[int, Prompt]] = {}
+            for p in spec.prompts_for(text):
+                objects.setdefault(p.object_id, {})[p.frame_idx] = _to_model_prompt(p)
+            objects_per_input.append(objects)
+    except (ConfigError, PromptSpecError, ValueError) as exc:
+        return _usage_error(str(exc))
+
+    random_weights = settings.model.checkpoint == "random"
+    if random_weights:
+        print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
+    try:
+        checkpoint = resolve_checkpoint(settings.model.name, settings.model.checkpoint_for_model_api())
+    except CheckpointError as exc:
+        print(f"masklet segment: error: {exc}", file=sys.stderr)
+        return 1
+    import torch
+
+    device = settings.model.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = ModelSpec(settings.model.name, None if checkpoint is None else str(checkpoint),
+                      settings.model.image_size, device)
+    ps = settings.pipeline
+    config = engine_config_for(model, ps, soft_masks=args.soft_masks, gpu=device.startswith("cuda"))
+
+    streams = []
+    for text, sid, objects in zip(args.inputs, _stream_ids(args.inputs), objects_per_input):
+        opener = functools.partial(open_source, text, max_pixels=ps.max_pixels, max_frames=args.max_frames)
+        outputs = SegmentOutputs(str(args.out / sid), args.soft_masks, not args.no_preview,
+                                 SMOKE_BANNER if random_weights else None)
+        streams.append(StreamSpec(sid, opener, objects, outputs, bidirectional=True))
+    names = dict(zip(_stream_ids(args.inputs), args.inputs))
+    return _run_with_progress(streams, names, model, config, args.backend, args.out)
+
+
+def engine_config_for(model: ModelSpec, ps: Any, *, soft_masks: bool, gpu: bool) -> EngineConfig:
+    return EngineConfig(max_batch_size=ps.max_batch_size, max_wait_ms=ps.max_wait_ms,
+                        queue_capacity=min(ps.queue_capacity, 16), replay_frames=ps.replay_buffer_frames,
+                        snapshot_every=ps.snapshot_every_n_frames, backward_delay=backward_delay_for(model),
+                        soft_masks=soft_masks, encoder_gpus=0.5 if gpu else 0.0, tracker_gpus=0.01 if gpu else 0.0)
+
+
+def backward_delay_for(model: ModelSpec) -> int:
+    """Forward frames after the first prompt that seed the backward tracker's memory."""
+    if model.factory != "model:build_model":
+        return 0
+    from model.config import get_config
+
+    return get_config(model.name, image_size=model.image_size).max_obj_ptrs_in_encoder - 1
+
+
+def _make_backend(kind: str):
+    from pipeline.backend import InProcessBackend, RayBackend
+
+    return InProcessBackend() if kind == "inprocess" else RayBackend()
+
+
+def _run_with_progress(streams: list[StreamSpec], names: dict[str, str], model: ModelSpec, config: EngineConfig,
+                       backend_kind: str, out_dir: Path) -> int:
+    from tqdm.auto import tqdm
+
+    bars: dict[str, Any] = {}
+    for i, s in enumerate(streams):
+        bars[s.stream_id] = tqdm(desc=s.stream_id, unit="frame", position=i, leave=True, dynamic_ncols=True,
+                                 file=sys.stderr)
+
+    def on_progress(outcome: StreamOutcome) -> None:
+        bar = bars[outcome.stream_id]
+        if outcome.frames_total and bar.total != outcome.frames_total:
+            bar.total = outcome.frames_total
+        bar.update(outcome.frames_published - bar.n)
+
+    def on_event(event: EngineEvent) -> None:
+        if event.kind == "stream_failed":
+            reason = event.message
+            name = names.get(event.stream_id, event.stream_id)
+            if not reason.startswith(str(name)):
+                reason = f"{name}: {reason}"
+            tqdm.write(f"masklet segment: error: {reason}", file=sys.stderr)
+        elif event.kind in ("sink_error", "encoder_restarted", "tracker_restarted"):
+            tqdm.write(f"masklet segment: warning: {event.stream_id or 'encoder'}: {event.message}", file=sys.stderr)
+
+    backend = _make_backend(backend_kind)
+    engine = Engine(backend, model, config, on_event=on_event, on_progress=on_progress)
+    try:
+        report = engine.run(streams)
+    finally:
+        engine.shutdown()
+        for bar in bars.values():
+            bar.close()
+        backend.shutdown()
+    print(summary_table(report.streams.values(), out_dir, report.batch_sizes))
+    return 0 if all(o.ok for o in report.streams.values()) else 1
+
+
+def summary_table(outcomes: Any, out_dir: Path, batch_sizes: Any) -> str:
+    rows = [("input", "frames", "objects", "fps", "status", "outputs")]
+    for o in outcomes:
+        seconds = max(o.finished - o.started, 1e-9)
+        status = "ok" if o.ok else ("FAILED" if o.error else "SINK ERRORS")
+        rows.append((o.stream_id, str(o.frames_published), str(o.objects), f"{o.frames_published / seconds:.1f}",
+                     status, str(out_dir / o.stream_id) if o.error is None else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    sizes = ", ".join(f"{size}x{count}" for size, count in sorted(batch_sizes.items())) or "none"
+    lines.append(f"encoder batches (size x count): {sizes}")
+    return "\n".join(lines)
