@@ -50,6 +50,24 @@ class LayerNorm2d(nn.Module):
         return self.weight[:, None, None] * x + self.bias[:, None, None]
 
 
+class DropPath(nn.Module):
+    """Stochastic depth: zero a whole sample's residual branch with probability `drop_prob` (training only)."""
+
+    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep_prob = 1.0 - self.drop_prob
+        keep_mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)
+        if keep_prob > 0.0 and self.scale_by_keep:
+            keep_mask.div_(keep_prob)
+        return x * keep_mask
+
+
 def activation_by_name(name: str) -> type[nn.Module]:
     table = {"relu": nn.ReLU, "gelu": nn.GELU, "glu": nn.GLU}
     if name not in table:

@@ -13,31 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.common import MLP
+from model.common import MLP, DropPath
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Small helpers
 # ----------------------------------------------------------------------------------------------------------
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: zero a whole sample's residual branch with probability `drop_prob` (training only)."""
-
-    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True) -> None:
-        super().__init__()
-        self.drop_prob = drop_prob
-        self.scale_by_keep = scale_by_keep
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.drop_prob == 0.0 or not self.training:
-            return x
-        keep_prob = 1.0 - self.drop_prob
-        mask_shape = (x.shape[0],) + (1,) * (x.ndim - 1)
-        keep_mask = x.new_empty(mask_shape).bernoulli_(keep_prob)
-        if keep_prob > 0.0 and self.scale_by_keep:
-            keep_mask.div_(keep_prob)
-        return x * keep_mask
 
 
 def _padded_size(size: int, window: int) -> int:

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from model.common import LayerNorm2d
+from model.common import DropPath, LayerNorm2d
 
 
 class MaskDownSampler(nn.Module):
@@ -55,24 +55,6 @@ class MaskDownSampler(nn.Module):
         # [B, 1, H*s, W*s] -> [B, embed_dim, H, W] with s = total_stride
         assert masks.dim() == 4 and masks.shape[1] == 1, f"expected [B, 1, H, W] masks, got {tuple(masks.shape)}"
         return self.encoder(masks)
-
-
-class DropPath(nn.Module):
-    """Stochastic depth: during training, zero a whole sample's residual branch with prob `drop_prob`."""
-
-    def __init__(self, drop_prob: float = 0.0, scale_by_keep: bool = True) -> None:
-        super().__init__()
-        self.drop_prob = drop_prob
-        self.scale_by_keep = scale_by_keep
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.drop_prob == 0.0:
-            return x
-        keep_prob = 1.0 - self.drop_prob
-        keep = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep_prob)
-        if self.scale_by_keep and keep_prob > 0.0:
-            keep = keep / keep_prob
-        return x * keep
 
 
 class CXBlock(nn.Module):

@@ -94,7 +94,7 @@ def read_clip(path: Path, num_frames: int, size: tuple[int, int] = (320, 180)) -
 def official_state(predictor, frames: list[np.ndarray], tmp_path: Path):
     """init_state from a JPEG folder, as users of the official predictor do; returns (state, images)."""
     folder = tmp_path / "jpg"
-    folder.mkdir(exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     for i, f in enumerate(frames):
         Image.fromarray(f).save(folder / f"{i:05d}.jpg", quality=95)
     state = predictor.init_state(str(folder))
