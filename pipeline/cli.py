@@ -13,6 +13,7 @@ from typing import Any, Sequence
 COMMANDS = [
     "pipeline.segment",
     "pipeline.cli",  # models
+    "pipeline.kafka.cli",  # broker, ingest, prompt
 ]
 
 

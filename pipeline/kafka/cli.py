@@ -1,0 +1,149 @@
+"""CLI commands of the Kafka path: `masklet broker`, `masklet ingest`, `masklet prompt`.
+
+`register(subparsers)` adds them to the main `masklet` parser; `python -m pipeline.kafka.cli`
+runs them standalone. Every command but `broker` takes `--bootstrap-servers` (env
+`MASKLET_KAFKA__BOOTSTRAP_SERVERS`) and `--config`, and uses the SASL/TLS settings from config.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Optional, Sequence
+
+EXIT_OK, EXIT_ERROR, EXIT_GAVE_UP, EXIT_INCOMPLETE = 0, 1, 3, 4
+
+
+def _pair(text: str) -> tuple[float, float]:
+    try:
+        x, y = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected x,y, got {text!r}") from None
+    return x, y
+
+
+def _box(text: str) -> tuple[float, float, float, float]:
+    try:
+        x0, y0, x1, y1 = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected x0,y0,x1,y1, got {text!r}") from None
+    return x0, y0, x1, y1
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _connection_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--bootstrap-servers", help="host:port[,host:port] (default: config / "
+                        "MASKLET_KAFKA__BOOTSTRAP_SERVERS / 127.0.0.1:9092)")
+    parser.add_argument("--config", help="YAML config file (default: MASKLET_CONFIG)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show kafka client logs")
+
+
+def _settings(args: argparse.Namespace):
+    from pipeline.config import load_settings
+    from pipeline.kafka.client import settings_from
+
+    settings = load_settings(args.config)
+    return settings, settings_from(args.bootstrap_servers, settings.kafka)
+
+
+def _quiet_kafka_logs(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if not verbose:
+        # kafka-python logs every dropped connection at ERROR; recovery is reported by our own warnings.
+        logging.getLogger("kafka").setLevel(logging.CRITICAL)
+
+
+def run_broker(args: argparse.Namespace) -> int:
+    from pipeline.kafka.broker import serve_forever
+
+    return serve_forever(args.host, args.port)
+
+
+def run_ingest(args: argparse.Namespace) -> int:
+    from monitoring.stats import Stats
+    from pipeline.config import ConfigError
+    from pipeline.kafka.ingest import ReconnectPolicy, ingest
+    from pipeline.sources import SourceError
+
+    _quiet_kafka_logs(args.verbose)
+    try:
+        settings, kafka = _settings(args)
+        report = ingest(args.source, args.stream, kafka, realtime=args.realtime, max_frames=args.max_frames,
+                        jpeg_quality=args.jpeg_quality, max_pixels=settings.pipeline.max_pixels,
+                        reconnect=ReconnectPolicy(max_reconnects=args.max_reconnects), stats=Stats())
+    except (ConfigError, SourceError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    print(report.summary())
+    if report.gave_up:
+        return EXIT_GAVE_UP
+    return EXIT_OK if report.delivery.complete else EXIT_INCOMPLETE
+
+
+def run_prompt(args: argparse.Namespace) -> int:
+    from pipeline.config import ConfigError
+    from pipeline.kafka.prompts import build_prompt, publish_prompt
+    from pipeline.messages import MessageError
+
+    _quiet_kafka_logs(args.verbose)
+    try:
+        _, kafka = _settings(args)
+        prompt = build_prompt(args.stream, args.object, frame_idx=args.frame, points=args.point or (),
+                              negative_points=args.negative_point or (), box=args.box,
+                              remove=args.remove, refine=args.refine)
+    except (ConfigError, MessageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    report = publish_prompt(prompt, kafka)
+    if not report.complete:
+        print(f"error: prompt not acknowledged: {report.summary()}", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    print(prompt.to_json_bytes().decode())
+    return EXIT_OK
+
+
+def register(subparsers) -> None:
+    broker = subparsers.add_parser("broker", help="start the embedded Kafka-compatible broker (memory-only, loopback)")
+    broker.add_argument("--host", default="127.0.0.1")
+    broker.add_argument("--port", type=int, default=9092)
+    broker.set_defaults(func=run_broker)
+
+    ingest = subparsers.add_parser("ingest", help="publish a video/RTSP/HTTP source to the frames topic")
+    ingest.add_argument("source", help="video file, image folder, http(s):// or rtsp:// URL")
+    ingest.add_argument("--stream", required=True, help="stream id (the record key)")
+    ingest.add_argument("--realtime", action="store_true", help="pace frames by pts instead of as fast as possible")
+    ingest.add_argument("--max-frames", type=_positive_int)
+    ingest.add_argument("--jpeg-quality", type=int, default=90)
+    ingest.add_argument("--max-reconnects", type=int, default=5, help="reconnect attempts in a row before giving up")
+    _connection_args(ingest)
+    ingest.set_defaults(func=run_ingest)
+
+    prompt = subparsers.add_parser("prompt", help="publish a prompt/v1 message to the prompts topic")
+    prompt.add_argument("--stream", required=True)
+    prompt.add_argument("--object", type=int, required=True)
+    prompt.add_argument("--frame", type=int, default=0)
+    what = prompt.add_mutually_exclusive_group(required=True)
+    what.add_argument("--point", type=_pair, action="append", help="positive click x,y (repeatable)")
+    what.add_argument("--box", type=_box, help="x0,y0,x1,y1")
+    what.add_argument("--remove", action="store_true", help="stop tracking the object")
+    prompt.add_argument("--negative-point", type=_pair, action="append", help="negative click x,y (repeatable)")
+    prompt.add_argument("--refine", action="store_true", help="correct the object's mask at --frame")
+    _connection_args(prompt)
+    prompt.set_defaults(func=run_prompt)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="masklet", description=__doc__.splitlines()[0])
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,164 @@
+"""frame/v1 and prompt/v1 on the wire: encoding for producers, strict validation for consumers.
+
+Validation never trusts a header: the declared content type must match the magic bytes, the
+pixel cap is checked on the optional `width`/`height` headers and again on the size in the
+bitstream before any pixel is decoded, and pickle payloads are refused without being touched.
+Message shapes come from `pipeline.messages`; this module adds the security checks and maps
+every failure to a dead-letter reason (`Rejected`).
+"""
+from __future__ import annotations
+
+import io
+import math
+from typing import Mapping, Optional, Sequence
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from pipeline.kafka.deadletter import Rejected
+from pipeline.messages import FRAME_SCHEMA, FrameHeaders, MessageError, PromptMessage
+
+JPEG = "image/jpeg"
+PNG = "image/png"
+SUPPORTED_CONTENT_TYPES = (JPEG, PNG)
+MAX_PROMPT_BYTES = 4 * 1024 * 1024  # an RLE mask of a 4K frame fits easily
+MAX_OBJECT_ID = 1_000_000
+
+_MAGIC = {JPEG: b"\xff\xd8\xff", PNG: b"\x89PNG\r\n\x1a\n"}
+_PIL_FORMAT = {JPEG: "JPEG", PNG: "PNG"}
+
+Headers = Sequence[tuple[str, bytes]]
+
+
+def frame_headers(frame_idx: int, pts: float, width: int, height: int, content_type: str = JPEG) -> list[tuple[str, bytes]]:
+    """frame/v1 headers plus `width`/`height`, which let consumers refuse oversized frames unread."""
+    headers = FrameHeaders(frame_idx=frame_idx, pts=pts, content_type=content_type).to_kafka_headers()
+    return headers + [("width", str(width).encode()), ("height", str(height).encode())]
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected uint8 RGB [H, W, 3], got {rgb.dtype} {rgb.shape}")
+    buffer = io.BytesIO()
+    Image.fromarray(rgb, "RGB").save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def sniff_content_type(data: bytes) -> Optional[str]:
+    for content_type, magic in _MAGIC.items():
+        if data.startswith(magic):
+            return content_type
+    return None
+
+
+def looks_like_pickle(data: bytes) -> bool:
+    # Protocols 2-5 open with PROTO (0x80) and the protocol number; that is all we need to refuse it.
+    return len(data) >= 2 and data[0] == 0x80 and 2 <= data[1] <= 5
+
+
+def _header_dict(headers: Optional[Headers]) -> dict[str, str]:
+    values = {}
+    for name, raw in headers or ():
+        values[name] = bytes(raw or b"").decode("utf-8", "replace")
+    return values
+
+
+def parse_frame_headers(key: Optional[bytes], headers: Optional[Headers]) -> tuple[str, FrameHeaders, Optional[tuple[int, int]]]:
+    """(stream_id, frame/v1 headers, declared (width, height) or None); raises `Rejected`."""
+    values = _header_dict(headers)
+    if "schema" in values and values["schema"] != FRAME_SCHEMA:
+        raise Rejected("unknown_schema", "unknown_schema", f"frame schema {values['schema']!r}, expected {FRAME_SCHEMA!r}")
+    content_type = values.get("content_type", "")
+    if content_type and content_type not in SUPPORTED_CONTENT_TYPES:
+        kind = "pickle_payload" if "pickle" in content_type.lower() else "unsupported_content_type"
+        raise Rejected("undecodable_frame", kind, f"content type {content_type!r} is not {' or '.join(SUPPORTED_CONTENT_TYPES)}")
+    try:
+        parsed = FrameHeaders.from_kafka_headers(headers)
+    except MessageError as exc:
+        raise Rejected("bad_frame_headers", "bad_frame_headers", str(exc)) from None
+    if not math.isfinite(parsed.pts):
+        raise Rejected("bad_frame_headers", "bad_frame_headers", f"pts {parsed.pts} is not finite")
+    try:
+        stream_id = (key or b"").decode("utf-8")
+    except UnicodeDecodeError:
+        stream_id = ""
+    if not stream_id:
+        raise Rejected("bad_frame_headers", "bad_key", "record key (stream id) is empty or not UTF-8")
+    size = None
+    if "width" in values or "height" in values:
+        try:
+            size = (int(values["width"]), int(values["height"]))
+        except (KeyError, ValueError):
+            raise Rejected("bad_frame_headers", "bad_frame_headers", "width/height headers must be integers") from None
+        if size[0] <= 0 or size[1] <= 0:
+            raise Rejected("bad_frame_headers", "bad_frame_headers", f"non-positive size {size[0]}x{size[1]}")
+    return stream_id, parsed, size
+
+
+def decode_frame(key: Optional[bytes], value: Optional[bytes], headers: Optional[Headers],
+                 max_pixels: int) -> tuple[str, FrameHeaders, np.ndarray]:
+    """Validate a frames-topic record and decode it to uint8 RGB [H, W, 3]; raises `Rejected`."""
+    stream_id, meta, declared = parse_frame_headers(key, headers)
+    data = value or b""
+    if looks_like_pickle(data):
+        raise Rejected("undecodable_frame", "pickle_payload", f"payload is a pickle stream declared as {meta.content_type}")
+    actual = sniff_content_type(data)
+    if actual != meta.content_type:
+        raise Rejected("undecodable_frame", "content_type_mismatch",
+                       f"declared {meta.content_type}, magic bytes say {actual or 'unknown'} ({data[:8].hex()})")
+    if declared is not None and declared[0] * declared[1] > max_pixels:
+        raise Rejected("frame_too_large", "oversized_header",
+                       f"header size {declared[0]}x{declared[1]} exceeds {max_pixels} pixels")
+    try:
+        image = Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[meta.content_type]])
+        width, height = image.size  # from the bitstream's header; no pixel decoded yet
+    except Exception as exc:  # PIL raises many types for hostile input
+        raise Rejected("undecodable_frame", "corrupt_image", f"unreadable image header: {exc}") from None
+    if width * height > max_pixels:
+        raise Rejected("frame_too_large", "oversized_bitstream", f"image is {width}x{height}, over {max_pixels} pixels")
+    if declared is not None and declared != (width, height):
+        raise Rejected("bad_frame_headers", "size_mismatch",
+                       f"headers say {declared[0]}x{declared[1]}, image is {width}x{height}")
+    try:
+        image.load()
+        rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"), dtype=np.uint8)
+    except Exception as exc:
+        raise Rejected("undecodable_frame", "corrupt_image", f"image does not decode: {exc}") from None
+    return stream_id, meta, rgb
+
+
+def parse_prompt(value: Optional[bytes], streams: Optional[Mapping[str, tuple[int, int]]] = None) -> PromptMessage:
+    """Validate a prompts-topic record; raises `Rejected`.
+
+    `streams` maps the stream ids seen so far to their (width, height); when given, prompts for
+    other streams are refused and coordinates must lie inside the frame.
+    """
+    data = value or b""
+    if looks_like_pickle(data):
+        raise Rejected("malformed_prompt", "pickle_payload", "prompt payload is a pickle stream")
+    if len(data) > MAX_PROMPT_BYTES:
+        raise Rejected("malformed_prompt", "too_large", f"prompt of {len(data)} bytes exceeds {MAX_PROMPT_BYTES}")
+    try:
+        prompt = PromptMessage.from_json_bytes(data)
+    except MessageError as exc:
+        kind = "unknown_schema" if "unsupported schema" in str(exc) else "malformed_prompt"
+        raise Rejected("unknown_schema" if kind == "unknown_schema" else "malformed_prompt", kind, str(exc)) from None
+    _check_prompt_range(prompt, streams)
+    return prompt
+
+
+def _check_prompt_range(prompt: PromptMessage, streams: Optional[Mapping[str, tuple[int, int]]]) -> None:
+    if prompt.object_id > MAX_OBJECT_ID:
+        raise Rejected("malformed_prompt", "out_of_range", f"object_id {prompt.object_id} over {MAX_OBJECT_ID}")
+    if streams is None:
+        return
+    if prompt.stream_id not in streams:
+        raise Rejected("unknown_stream", "unknown_stream", f"no frames seen for stream {prompt.stream_id!r}")
+    width, height = streams[prompt.stream_id]
+    xs = [p[0] for p in prompt.points] + ([prompt.box[0], prompt.box[2]] if prompt.box else [])
+    ys = [p[1] for p in prompt.points] + ([prompt.box[1], prompt.box[3]] if prompt.box else [])
+    if any(not 0 <= x <= width for x in xs) or any(not 0 <= y <= height for y in ys):
+        raise Rejected("malformed_prompt", "out_of_range", f"coordinates outside the {width}x{height} frame")
+    if prompt.mask is not None and tuple(prompt.mask.size) != (height, width):
+        raise Rejected("malformed_prompt", "out_of_range",
+                       f"mask size {list(prompt.mask.size)} != frame [{height}, {width}]")
