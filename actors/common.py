@@ -56,24 +56,36 @@ def tracker_class(model: Any) -> Any:
 
 @dataclass(frozen=True)
 class EmbeddingPayload:
-    """A FrameEmbedding as numpy arrays: zero-copy through Ray's object store on CPU."""
+    """A FrameEmbedding as numpy arrays: zero-copy through Ray's object store on CPU.
+
+    Each array is stored in the tensor's own memory order (`orders` holds the permutation), so the
+    tensor rebuilt on the other side has the encoder's exact strides. Hiera's features are
+    channels-last in memory; making them NCHW-contiguous changes which convolution kernels the
+    decoder runs and, through bf16 memories, the masks' last bits.
+    """
 
     high_res_0: np.ndarray
     high_res_1: np.ndarray
     image_embed: np.ndarray
+    orders: tuple[tuple[int, ...], ...] = ((0, 1, 2), (0, 1, 2), (0, 1, 2))
 
     @classmethod
     def from_embedding(cls, emb: FrameEmbedding) -> "EmbeddingPayload":
-        def host(t: torch.Tensor) -> np.ndarray:
-            return t.detach().to("cpu").contiguous().numpy()
-
-        return cls(host(emb.high_res_feats[0]), host(emb.high_res_feats[1]), host(emb.image_embed))
+        arrays, orders = [], []
+        for t in (emb.high_res_feats[0], emb.high_res_feats[1], emb.image_embed):
+            order = tuple(sorted(range(t.dim()), key=lambda d: -t.stride(d)))  # outermost dimension first
+            arrays.append(t.detach().to("cpu").permute(order).contiguous().numpy())
+            orders.append(order)
+        return cls(*arrays, orders=tuple(orders))
 
     def to_embedding(self, device: str | torch.device = "cpu") -> FrameEmbedding:
         with warnings.catch_warnings():
             # Object-store arrays are read-only; the trackers never write into their inputs.
             warnings.simplefilter("ignore", UserWarning)
-            tensors = [torch.from_numpy(a) for a in (self.high_res_0, self.high_res_1, self.image_embed)]
+            tensors = []
+            for array, order in zip((self.high_res_0, self.high_res_1, self.image_embed), self.orders):
+                inverse = tuple(order.index(d) for d in range(len(order)))
+                tensors.append(torch.from_numpy(array).permute(inverse))
         if str(device) != "cpu":
             tensors = [t.to(device, non_blocking=True) for t in tensors]
         return FrameEmbedding(high_res_feats=(tensors[0], tensors[1]), image_embed=tensors[2])
@@ -127,8 +139,8 @@ class StreamInfo:
 
 
 class InputError(RuntimeError):
-    """A source failed; carries its one-line reason. Plain (single-argument) so it crosses Ray
-    intact: exceptions with custom constructors, like SourceError, cannot be rebuilt by Ray."""
+    """A source failed with an exception other than SourceError (a custom opener's ValueError, say);
+    carries that exception's message flattened to one line, so the user still gets one clear line."""
 
 
 def actor_pid() -> int:

@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 from actors.common import InputError, actor_pid, limit_threads
 from monitoring.stats import Stats
+from pipeline.sources import SourceError
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class DecoderActor:
 
     The source is opened in `open()` rather than the constructor so a bad input comes back as a
     failed call carrying the source's one-line reason, not as an actor that never started.
+    A `SourceError` travels as itself (it pickles, so Ray rebuilds it); any other exception from
+    the opener or the decoder is flattened into an `InputError` with the same one-line treatment.
     """
 
     def __init__(self, opener: Callable[[], Any], num_threads: int | None = 1) -> None:
@@ -36,6 +39,8 @@ class DecoderActor:
     def open(self) -> SourceInfo:
         try:
             self.source = self.opener()
+        except SourceError:
+            raise
         except Exception as exc:  # noqa: BLE001 - becomes the input's one error line
             raise InputError(_one_line(exc)) from None
         self.frames = iter(self.source.frames())
@@ -50,6 +55,9 @@ class DecoderActor:
             start = time.perf_counter()
             try:
                 frame = next(self.frames, None)
+            except SourceError:
+                self.close()
+                raise
             except Exception as exc:  # noqa: BLE001
                 self.close()
                 raise InputError(_one_line(exc)) from None

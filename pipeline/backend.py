@@ -113,6 +113,11 @@ class Backend(ABC):
         """Whether numpy arrays passed through `put` are shared rather than copied per reader."""
         return False
 
+    @property
+    def separate_processes(self) -> bool:
+        """Whether actors run in their own processes, where per-actor thread caps make sense."""
+        return False
+
 
 # ---------------------------------------------------------------------------------------------
 # In-process: calls run synchronously at submission, futures are already resolved.
@@ -223,6 +228,10 @@ class RayBackend(Backend):
 
     @property
     def zero_copy_numpy(self) -> bool:
+        return True
+
+    @property
+    def separate_processes(self) -> bool:
         return True
 
     def spawn(self, name: str, cls: type, *args: Any, options: ActorOptions = ActorOptions(), **kwargs: Any) -> ActorHandle:

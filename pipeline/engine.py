@@ -143,10 +143,15 @@ class Engine:
 
     # -- public -----------------------------------------------------------------------------
 
+    def _threads(self, cap: int | None) -> int | None:
+        # In-process "actors" share this process: capping threads there would change the caller's
+        # own torch thread count (and with it float reduction order), so caps apply to real actors only.
+        return cap if self.backend.separate_processes else None
+
     def start_encoder(self) -> ActorHandle:
         if self.encoder is None:
             self.encoder = self.backend.spawn(
-                "encoder", EncoderActor, self.model, self.config.encoder_threads,
+                "encoder", EncoderActor, self.model, self._threads(self.config.encoder_threads),
                 options=ActorOptions(num_cpus=0, num_gpus=self.config.encoder_gpus))
         return self.encoder
 
@@ -169,7 +174,7 @@ class Engine:
         ctrl = StreamController(spec.stream_id, spec.objects, bidirectional=spec.bidirectional, policy=spec.policy,
                                 queue_capacity=c.queue_capacity, replay_frames=c.replay_frames,
                                 snapshot_every=c.snapshot_every, backward_delay=c.backward_delay)
-        decoder = self.backend.spawn(f"{spec.stream_id}/decoder", DecoderActor, spec.opener, 1)
+        decoder = self.backend.spawn(f"{spec.stream_id}/decoder", DecoderActor, spec.opener, self._threads(1))
         s = _Stream(spec, ctrl, StreamOutcome(spec.stream_id, objects=len(ctrl.objects), started=self.clock()), decoder)
         self.streams[spec.stream_id] = s
         self._submit("open", s, self.backend.call(decoder, "open"))
@@ -236,7 +241,7 @@ class Engine:
 
     def _create_tracker(self, s: _Stream, cmd: CreateTracker) -> None:
         args = (self.model, s.ctrl.video_size, cmd.object_id, self.config.soft_masks, cmd.snapshot,
-                self.config.tracker_threads)
+                self._threads(self.config.tracker_threads))
         existing = s.trackers.get(cmd.object_id)
         if existing is None:
             s.trackers[cmd.object_id] = self.backend.spawn(
@@ -295,7 +300,8 @@ class Engine:
             s.ctrl.set_video_size(value.width, value.height)
             info = StreamInfo(s.spec.stream_id, value.width, value.height, value.fps or 30.0,
                               tuple(sorted(s.ctrl.objects)), self.model.name, self.config.soft_masks)
-            s.publisher = self.backend.spawn(f"{s.spec.stream_id}/publisher", PublisherActor, info, s.spec.sink_factory)
+            s.publisher = self.backend.spawn(f"{s.spec.stream_id}/publisher", PublisherActor, info, s.spec.sink_factory,
+                                             num_threads=self._threads(1))
             self._submit("publisher_open", s, self.backend.call(s.publisher, "open"))
         elif p.kind == "publisher_open":
             if value:

@@ -33,6 +33,11 @@ class SourceError(Exception):
         self.reason = reason
         super().__init__(f"{source}: {reason}")
 
+    def __reduce__(self):
+        # Exceptions unpickle as cls(*self.args), and args holds only the joined message, which does
+        # not fit this two-argument constructor; Ray and multiprocessing would then fail to rebuild it.
+        return (type(self), (self.source, self.reason), self.__dict__)
+
 
 @dataclass(frozen=True)
 class DecodedFrame:
