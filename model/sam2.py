@@ -7,6 +7,7 @@ Shapes use S = image_size, h = w = S/16, C = hidden_dim (256), Cm = mem_dim (64)
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -86,6 +87,17 @@ class SAM2Model(nn.Module):
     # ---- image encoding ------------------------------------------------------------------------
     def preprocess(self, frames: torch.Tensor | np.ndarray) -> torch.Tensor:
         """uint8 [B, H, W, 3] RGB (any size) -> normalised float [B, 3, S, S]; float [B, 3, S, S] passes through."""
+        if isinstance(frames, np.ndarray) and not frames.flags.writeable:
+            # Read-only arrays (the Ray object store hands them out) make torch warn, since tensors
+            # cannot be read-only. uint8 input is only read here (.float() below allocates the
+            # output), so aliasing it is safe and costs no copy; float input may be returned as
+            # is, so it gets the one copy that makes the result safely writable.
+            if frames.dtype == np.uint8:
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                    frames = torch.as_tensor(frames)
+            else:
+                frames = torch.from_numpy(np.array(frames))
         frames = torch.as_tensor(frames)
         S = self.image_size
         if frames.dtype == torch.uint8:
