@@ -66,15 +66,7 @@ def segment_image(
         prompt.check_inside((h, w))
         if prompt.mask is not None:
             raise ValueError("segment_image takes points/box prompts; pass a low-res mask as mask_input")
-        coords, labels = [], []
-        if prompt.box is not None:
-            coords.append(torch.as_tensor(prompt.box).reshape(2, 2))
-            labels.append(torch.tensor([2, 3], dtype=torch.int32))
-        if prompt.points is not None:
-            coords.append(torch.as_tensor(prompt.points))
-            labels.append(torch.as_tensor(prompt.labels, dtype=torch.int32))
-        xy = torch.cat(coords).float() / torch.tensor([w, h], dtype=torch.float32) * S
-        points = (xy[None].to(model.device), torch.cat(labels)[None].to(model.device))
+        points = model.prompt_points(prompt, (h, w))
     if mask_input is not None:
         mask_input = torch.as_tensor(mask_input, dtype=torch.float32, device=model.device).reshape(1, 1, S // 4, S // 4)
     if points is None and mask_input is None:

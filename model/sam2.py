@@ -150,6 +150,24 @@ class SAM2Model(nn.Module):
         return self._cached(("memory_pos", h, w, self.device), make)
 
     # ---- per-frame heads -----------------------------------------------------------------------
+    def prompt_points(self, prompt, video_size: tuple[int, int]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """Video-pixel points/box -> model-input pixels [1, P, 2] and labels [1, P] (None without either).
+
+        A box becomes two corner points labelled 2 and 3, placed before the clicks, as in the official model.
+        """
+        coords, labels = [], []
+        if prompt.box is not None:
+            coords.append(torch.as_tensor(prompt.box).reshape(2, 2))
+            labels.append(torch.tensor([2, 3], dtype=torch.int32))
+        if prompt.points is not None:
+            coords.append(torch.as_tensor(prompt.points))
+            labels.append(torch.as_tensor(prompt.labels, dtype=torch.int32))
+        if not coords:
+            return None
+        h, w = video_size
+        xy = torch.cat(coords).float() / torch.tensor([w, h], dtype=torch.float32) * self.image_size
+        return xy[None].to(self.device), torch.cat(labels)[None].to(self.device)
+
     def decode(
         self,
         image_embed: torch.Tensor,  # [B, C, h, w] (memory-conditioned for trackers)

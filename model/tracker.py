@@ -112,7 +112,7 @@ class ObjectTracker:
         if prompt.mask is not None:
             dec = model.mask_as_output(image_embed, high_res, self._mask_to_input(prompt.mask))
         else:
-            coords, labels = self._points_to_input(prompt)
+            coords, labels = model.prompt_points(prompt, self.video_size)
             conditioned = self._conditioned_features(frame_idx, image_embed, fresh=fresh)
             dec = model.decode(conditioned, high_res, coords, labels, prev_logits, multimask=coords.shape[1] <= 1)
         low_res = self._fill_holes(dec.low_res_logits)
@@ -199,20 +199,6 @@ class ObjectTracker:
         if embedding.image_size != self.model.image_size:
             raise ValueError(f"embedding is for image size {embedding.image_size}, model uses {self.model.image_size}")
         return embedding.to(self.model.device)
-
-    def _points_to_input(self, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor]:
-        """Video-pixel points/box -> model-input pixels; a box becomes two corner points (labels 2, 3) first."""
-        coords, labels = [], []
-        if prompt.box is not None:
-            coords.append(torch.as_tensor(prompt.box).reshape(2, 2))
-            labels.append(torch.tensor([2, 3], dtype=torch.int32))
-        if prompt.points is not None:
-            coords.append(torch.as_tensor(prompt.points))
-            labels.append(torch.as_tensor(prompt.labels, dtype=torch.int32))
-        h, w = self.video_size
-        scale = torch.tensor([w, h], dtype=torch.float32)
-        xy = torch.cat(coords).float() / scale * self.model.image_size
-        return xy[None].to(self.model.device), torch.cat(labels)[None].to(self.model.device)
 
     def _mask_to_input(self, mask) -> torch.Tensor:
         S = self.model.image_size
