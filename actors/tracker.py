@@ -61,6 +61,18 @@ class TrackerCore:
             tracker = self.backward
         result = tracker.step(frame_idx, as_embedding(embedding, _device_of(self.model)), prompt)
         self.last[direction] = frame_idx
+        return self._tracked(frame_idx, result)
+
+    @torch.inference_mode()
+    def refine(self, embedding: Any, prompt: Prompt) -> TrackedMask:
+        """Correct the forward tracker's most recent frame with clicks (the model's `refine`); live
+        sessions use it for `refine` prompts on the object's latest frame."""
+        if self.forward is None or self.last[FORWARD] is None:
+            raise RuntimeError(f"object {self.object_id}: refine before the first forward step")
+        result = self.forward.refine(as_embedding(embedding, _device_of(self.model)), prompt)
+        return self._tracked(self.last[FORWARD], result)
+
+    def _tracked(self, frame_idx: int, result: Any) -> TrackedMask:
         logits = result.logits.detach().float().cpu()
         return TrackedMask(self.object_id, frame_idx, (logits > 0).numpy(), float(result.score), float(result.iou),
                            logits.numpy() if self.soft_masks else None)
@@ -112,6 +124,12 @@ class TrackerActor:
     def step(self, direction: str, frame_idx: int, embedding: Any, prompt: Prompt | None = None) -> TrackedMask:
         start = time.perf_counter()
         out = self.core.step(direction, frame_idx, embedding, prompt)
+        self.stats.observe("masklet_stage_latency_seconds", time.perf_counter() - start, stage="track")
+        return out
+
+    def refine(self, embedding: Any, prompt: Prompt) -> TrackedMask:
+        start = time.perf_counter()
+        out = self.core.refine(embedding, prompt)
         self.stats.observe("masklet_stage_latency_seconds", time.perf_counter() - start, stage="track")
         return out
 

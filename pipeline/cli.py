@@ -14,6 +14,7 @@ COMMANDS = [
     "pipeline.segment",
     "pipeline.cli",  # models
     "pipeline.kafka.cli",  # broker, ingest, prompt
+    "deploy.serve_cli",  # serve
 ]
 
 

@@ -1,4 +1,4 @@
-"""CLI commands of the Kafka path: `masklet broker`, `masklet ingest`, `masklet prompt`.
+"""CLI commands of the Kafka path: `masklet broker`, `masklet ingest`, `masklet prompt`, `masklet run`.
 
 `register(subparsers)` adds them to the main `masklet` parser; `python -m pipeline.kafka.cli`
 runs them standalone. Every command but `broker` takes `--bootstrap-servers` (env
@@ -108,6 +108,66 @@ def run_prompt(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def run_run(args: argparse.Namespace) -> int:
+    """`masklet run`: until SIGINT/SIGTERM (or --idle-exit), then flush, commit and leave the group."""
+    import signal
+    import threading
+
+    from actors.common import ModelSpec
+    from model.checkpoints import CheckpointError, resolve_checkpoint
+    from pipeline.backend import InProcessBackend, RayBackend
+    from pipeline.config import ConfigError, load_settings
+    from pipeline.kafka.client import settings_from
+    from pipeline.kafka.run import KafkaRunner
+    from pipeline.live import LiveConfig
+    from pipeline.segment import RANDOM_WEIGHTS_WARNING
+
+    _quiet_kafka_logs(args.verbose)
+    try:
+        settings = load_settings(args.config, model={"name": args.model, "checkpoint": args.checkpoint,
+                                                     "image_size": args.image_size, "device": args.device})
+        kafka = settings_from(args.bootstrap_servers, settings.kafka)
+        if args.group_id:
+            kafka = kafka.model_copy(update={"group_id": args.group_id})
+        ps = settings.pipeline
+        config = LiveConfig(max_batch_size=ps.max_batch_size, max_wait_ms=ps.max_wait_ms,
+                            queue_capacity=args.queue_capacity, snapshot_every=ps.snapshot_every_n_frames,
+                            ring_buffer_frames=max(args.ring_buffer_frames, ps.snapshot_every_n_frames),
+                            max_streams=args.max_streams)
+    except (ConfigError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    if settings.model.checkpoint == "random":
+        print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
+    try:
+        checkpoint = resolve_checkpoint(settings.model.name, settings.model.checkpoint_for_model_api())
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    import torch
+
+    device = settings.model.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = ModelSpec(settings.model.name, None if checkpoint is None else str(checkpoint),
+                      settings.model.image_size, device)
+    if device.startswith("cuda"):
+        config = LiveConfig(**{**config.__dict__, "encoder_gpus": 0.5, "tracker_gpus": 0.01})
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    backend = InProcessBackend() if (args.backend or ps.backend) == "inprocess" else RayBackend()
+    try:
+        runner = KafkaRunner(kafka, backend, model, config, overload=args.overload, max_pixels=ps.max_pixels)
+        print(f"masklet run: consuming {kafka.topics.frames} + {kafka.topics.prompts} as group "
+              f"{kafka.group_id!r} on {kafka.bootstrap_servers}", file=sys.stderr, flush=True)
+        report = runner.run(stop.is_set, idle_exit_s=args.idle_exit)
+    finally:
+        backend.shutdown()
+    print(report.summary(), flush=True)
+    return EXIT_OK
+
+
 def register(subparsers) -> None:
     broker = subparsers.add_parser("broker", help="start the embedded Kafka-compatible broker (memory-only, loopback)")
     broker.add_argument("--host", default="127.0.0.1")
@@ -136,6 +196,23 @@ def register(subparsers) -> None:
     prompt.add_argument("--refine", action="store_true", help="correct the object's mask at --frame")
     _connection_args(prompt)
     prompt.set_defaults(func=run_prompt)
+
+    run = subparsers.add_parser("run", help="consume frames + prompts, publish masklets (live streams)")
+    run.add_argument("--model", default="sam2.1_hiera_tiny")
+    run.add_argument("--checkpoint", default="auto", help="auto (download official weights), a .pt path, or random")
+    run.add_argument("--image-size", type=int, default=1024)
+    run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    run.add_argument("--group-id", help="consumer group (default: config kafka.group_id, 'masklet')")
+    run.add_argument("--overload", default="drop", choices=("drop", "pause"),
+                     help="drop: DROP_OLDEST per stream, drops reported in the next record (live); "
+                          "pause: stop fetching until the stream has room, nothing dropped (archives)")
+    run.add_argument("--queue-capacity", type=_positive_int, default=8, help="frames queued per stream")
+    run.add_argument("--ring-buffer-frames", type=_positive_int, default=32, help="recent frames kept for late prompts")
+    run.add_argument("--max-streams", type=_positive_int, default=16)
+    run.add_argument("--idle-exit", type=float, metavar="S", help="exit after S seconds without input or work")
+    run.add_argument("--backend", choices=("ray", "inprocess"), help=argparse.SUPPRESS)
+    _connection_args(run)
+    run.set_defaults(func=run_run)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -38,15 +38,28 @@ def test_serve_config_validates_against_ray_serve_schema(serve_config):
 
 
 def test_serve_config_sets_replicas_resources_gpu_fractions_and_batching(serve_config):
-    deployments = _deployments(serve_config)
-    encoder, api = deployments["Encoder"], deployments["MaskletAPI"]
-    assert 0 < encoder["ray_actor_options"]["num_gpus"] <= 1
-    assert encoder["num_replicas"] >= 1 and encoder["max_ongoing_requests"] > 0
-    batching = encoder["user_config"]
-    assert batching["max_batch_size"] in (1, 2, 4, 8, 16, 32)  # within the batch-size histogram buckets
-    assert 0 < batching["max_wait_ms"] < 33  # under one frame interval at 30 fps
-    assert api["ray_actor_options"]["num_gpus"] == 0
+    from pipeline.config import KNOWN_MODEL_NAMES
+
+    [app] = serve_config["applications"]
+    api = _deployments(serve_config)["MaskletAPI"]
+    # one LiveSession holds every stream's state: a second replica would split streams from their prompts
+    assert api["num_replicas"] == 1 and api["max_ongoing_requests"] > 0
+    assert 0 < api["ray_actor_options"]["num_gpus"] <= 1  # the model runs in the API replica
     assert api["max_queued_requests"] > 0  # a bounded queue: overload answers 503, never hangs
+    assert set(api["user_config"]) == {"max_streams", "max_request_bytes"}  # what reconfigure() reads
+    args = app["args"]
+    assert args["model"] in KNOWN_MODEL_NAMES
+    assert args["max_batch_size"] in (1, 2, 4, 8, 16, 32)  # within the batch-size histogram buckets
+    assert 0 < args["max_wait_ms"] < 33  # under one frame interval at 30 fps
+
+
+def test_serve_config_args_build_the_serve_app(serve_config):
+    from ray.serve.deployment import Application
+
+    from deploy.serve_app import app
+
+    [config] = serve_config["applications"]
+    assert isinstance(app(config["args"]), Application)
 
 
 def test_rayservice_embeds_the_serve_config(serve_config, rayservice):
@@ -71,10 +84,10 @@ def test_rayservice_has_gpu_encoder_and_cpu_worker_groups(rayservice):
     assert "nvidia.com/gpu" not in resources(groups["cpu-workers"])["limits"]
     for group in groups.values():
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
-    # the encoder's GPU share in the serve config fits on one GPU worker
+    # the model's GPU share in the serve config fits on the GPU workers
     embedded = yaml.safe_load(rayservice["spec"]["serveConfigV2"])
-    encoder = _deployments(embedded)["Encoder"]
-    gpus_needed = encoder["num_replicas"] * encoder["ray_actor_options"]["num_gpus"]
+    api = _deployments(embedded)["MaskletAPI"]
+    gpus_needed = api["num_replicas"] * api["ray_actor_options"]["num_gpus"]
     assert gpus_needed <= groups["gpu-encoder"]["maxReplicas"] * int(gpu["limits"]["nvidia.com/gpu"])
 
 

@@ -1,0 +1,255 @@
+"""What the control API holds between requests: the LiveSession (maybe still loading), the feeders
+of its streams, and the fan-out of masklet records to server-sent-event subscribers.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from fastapi import HTTPException
+
+from deploy.api_models import CreateStream
+from deploy.api_security import ApiLimits
+from deploy.feeders import Feeder, kafka_frames, source_frames, source_type_of
+from monitoring.stats import Stats
+from pipeline.config import DEFAULT_MAX_PIXELS, KafkaSettings
+
+log = logging.getLogger(__name__)
+
+RETRY_AFTER_S = "1"
+LOADING_RETRY_AFTER_S = "5"
+SUBSCRIBER_QUEUE = 32  # records buffered per SSE client; a slow client loses the oldest, never stalls others
+
+
+def unavailable(detail: str, retry_after: str = RETRY_AFTER_S) -> HTTPException:
+    return HTTPException(503, detail, headers={"Retry-After": retry_after})
+
+
+class SessionSlot:
+    """The LiveSession, or why there is none yet (model loading) or any more (load failed)."""
+
+    def __init__(self, session: Any = None) -> None:
+        self.session = session
+        self.error: Optional[str] = None
+        self._on_ready: list[Callable[[Any], None]] = []
+        self._lock = threading.Lock()
+
+    def when_ready(self, hook: Callable[[Any], None]) -> None:
+        """Run `hook(session)` now if the session is there, else as soon as it has loaded."""
+        with self._lock:
+            if self.session is None:
+                self._on_ready.append(hook)
+                return
+        hook(self.session)
+
+    def _set(self, session: Any) -> None:
+        with self._lock:
+            self.session, hooks, self._on_ready = session, self._on_ready, []
+        for hook in hooks:
+            hook(session)
+
+    @property
+    def state(self) -> str:
+        return "ready" if self.session is not None else "failed" if self.error else "loading"
+
+    def load_in_background(self, build: Callable[[], Any]) -> threading.Thread:
+        def load() -> None:
+            try:
+                self._set(build())
+            except Exception as exc:  # readiness reports it; the process stays up for /health
+                log.exception("loading the LiveSession failed")
+                self.error = f"{type(exc).__name__}: {exc}"
+
+        thread = threading.Thread(target=load, name="masklet-session-loader", daemon=True)
+        thread.start()
+        return thread
+
+    def require(self) -> Any:
+        if self.session is None:
+            if self.error:
+                raise unavailable(f"pipeline failed to load: {self.error}", LOADING_RETRY_AFTER_S)
+            raise unavailable("model is loading; retry shortly", LOADING_RETRY_AFTER_S)
+        return self.session
+
+
+class KafkaProbe:
+    """Is any bootstrap server accepting TCP connections? Cached so /health/ready stays cheap."""
+
+    def __init__(self, settings: KafkaSettings, timeout_s: float = 0.5, cache_s: float = 2.0) -> None:
+        self.settings = settings
+        self.timeout_s = timeout_s
+        self.cache_s = cache_s
+        self._checked_at = -1e9
+        self._result: tuple[bool, str] = (False, "not checked")
+        self._lock = threading.Lock()
+
+    def __call__(self) -> tuple[bool, str]:
+        with self._lock:
+            if time.monotonic() - self._checked_at > self.cache_s:
+                self._result = self._probe()
+                self._checked_at = time.monotonic()
+            return self._result
+
+    def _probe(self) -> tuple[bool, str]:
+        for server in self.settings.bootstrap_server_list:
+            host, _, port = server.rpartition(":")
+            try:
+                with socket.create_connection((host.strip("[]"), int(port)), timeout=self.timeout_s):
+                    return True, f"kafka reachable at {server}"
+            except OSError:
+                continue
+        return False, f"kafka unreachable at {self.settings.bootstrap_servers}"
+
+
+class OutputHub:
+    """Hands each masklet record to the SSE subscribers of its stream.
+
+    It hooks the session's `on_output` (chaining any callback already there) and relies on the
+    session's own driver thread (`LiveSession.start()`): a second poller would race it.
+    """
+
+    def __init__(self, max_subscribers: int = 32) -> None:
+        self.max_subscribers = max_subscribers
+        self._subscribers: dict[int, tuple[str, asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()
+
+    def attach(self, session: Any) -> None:
+        previous = getattr(session, "on_output", None)
+
+        def on_output(output: Any) -> None:
+            if previous is not None:
+                previous(output)
+            self.publish(output.record)
+
+        session.on_output = on_output
+        session.start()  # idempotent: a running driver is left as it is
+
+    def subscribe(self, stream_id: str) -> tuple[int, asyncio.Queue]:
+        queue: asyncio.Queue = asyncio.Queue(maxsize=SUBSCRIBER_QUEUE)
+        with self._lock:
+            if len(self._subscribers) >= self.max_subscribers:
+                raise unavailable(f"too many event subscribers ({self.max_subscribers}); retry later")
+            key = id(queue)
+            self._subscribers[key] = (stream_id, asyncio.get_running_loop(), queue)
+        return key, queue
+
+    def unsubscribe(self, key: int) -> None:
+        with self._lock:
+            self._subscribers.pop(key, None)
+
+    def publish(self, record: Any) -> None:
+        with self._lock:
+            targets = [(loop, q) for sid, loop, q in self._subscribers.values() if sid == record.stream_id]
+        if not targets:
+            return
+        text = record.to_json_bytes().decode("utf-8")
+        for loop, queue in targets:
+            try:
+                loop.call_soon_threadsafe(_put_drop_oldest, queue, (record.frame_idx, text))
+            except RuntimeError:  # the subscriber's loop is closed: it is going away
+                pass
+
+
+def _put_drop_oldest(queue: asyncio.Queue, item: Any) -> None:
+    if queue.full():
+        queue.get_nowait()
+    queue.put_nowait(item)
+
+
+class StreamRegistry:
+    """The API's streams: one feeder each, the stream cap, and object-id allocation."""
+
+    def __init__(self, slot: SessionSlot, *, limits: ApiLimits, kafka: Optional[KafkaSettings],
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self.slot = slot
+        self.limits = limits
+        self.kafka = kafka
+        self.max_pixels = max_pixels
+        self.stats = Stats()  # reconnects of network sources; merged into /metrics
+        self._feeders: dict[str, Feeder] = {}
+        self._next_object_id: dict[str, int] = {}
+        self._closing: set[str] = set()
+        self._lock = threading.Lock()
+
+    def create(self, request: CreateStream) -> Feeder:
+        session = self.slot.require()
+        if request.kafka_stream is not None:
+            if self.kafka is None:
+                raise HTTPException(422, "kafka_stream needs Kafka: start `masklet serve --kafka HOST:PORT`")
+            frames = kafka_frames(self.kafka, request.kafka_stream, max_frames=request.max_frames,
+                                  max_pixels=self.max_pixels)
+            describe, source_type = f"kafka:{request.kafka_stream}", "kafka"
+        else:
+            source = request.source or ""
+            local = source.removeprefix("file://")
+            if "://" not in local and not Path(local).exists():
+                raise HTTPException(422, f"source {source!r}: no such file or folder on the server")
+            frames = source_frames(source, realtime=request.realtime, loop=request.loop,
+                                   max_frames=request.max_frames, max_pixels=self.max_pixels, stats=self.stats)
+            describe, source_type = source, source_type_of(source)
+        with self._lock:
+            if request.stream_id in self._feeders:
+                raise HTTPException(409, f"stream {request.stream_id!r} already exists")
+            if request.stream_id in self._closing:
+                raise HTTPException(409, f"stream {request.stream_id!r} is still closing; retry shortly",
+                                    headers={"Retry-After": RETRY_AFTER_S})
+            if len(self._feeders) >= self.limits.max_streams:
+                raise unavailable(f"stream cap reached ({self.limits.max_streams} streams); delete one or retry later")
+            feeder = Feeder(session, request.stream_id, describe, frames, source_type=source_type)
+            self._feeders[request.stream_id] = feeder
+            self._next_object_id[request.stream_id] = 1
+        return feeder.start()
+
+    def get(self, stream_id: str) -> Feeder:
+        with self._lock:
+            feeder = self._feeders.get(stream_id)
+        if feeder is None:
+            raise HTTPException(404, f"no stream {stream_id!r}")
+        return feeder
+
+    def all(self) -> list[Feeder]:
+        with self._lock:
+            return list(self._feeders.values())
+
+    def delete(self, stream_id: str) -> None:
+        with self._lock:
+            feeder = self._feeders.pop(stream_id, None)
+            self._next_object_id.pop(stream_id, None)
+        if feeder is None:
+            raise HTTPException(404, f"no stream {stream_id!r}")
+        feeder.stop(timeout=2.0)  # bounded: a feeder stuck in a network read is a daemon and dies later
+        if feeder.status.size is None or self.slot.session is None:
+            return
+        with self._lock:
+            self._closing.add(stream_id)
+        # LiveSession.close_stream drains the stream's queued frames and may take seconds: off the
+        # request path, and the id stays reserved (409 on re-create) until it is done.
+        threading.Thread(target=self._close, args=(self.slot.session, stream_id), daemon=True,
+                         name=f"close-{stream_id}").start()
+
+    def _close(self, session: Any, stream_id: str) -> None:
+        try:
+            session.close_stream(stream_id, timeout=10.0)
+        except (KeyError, ValueError):
+            pass  # already closed by the session
+        finally:
+            with self._lock:
+                self._closing.discard(stream_id)
+
+    def allocate_object_id(self, stream_id: str, requested: Optional[int], known: set[int]) -> int:
+        with self._lock:
+            if requested is not None:
+                object_id = requested
+            else:
+                object_id = max([self._next_object_id.get(stream_id, 1), *(k + 1 for k in known)])
+            self._next_object_id[stream_id] = max(self._next_object_id.get(stream_id, 1), object_id + 1)
+            return object_id
+
+    def shutdown(self) -> None:
+        for feeder in self.all():
+            feeder.stop(timeout=1.0)

@@ -1,0 +1,176 @@
+"""Threads that feed a LiveSession: one per stream, from a file/URL/RTSP source or a Kafka stream id.
+
+A feeder opens its LiveSession stream when the first frame arrives (only then are the width,
+height and frame rate known), submits frames without ever blocking (the session drops the
+oldest frame when it falls behind), and closes nothing itself: the stream, with its latest
+frame and objects, stays inspectable until the API deletes it.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+
+from monitoring.stats import Stats
+from pipeline.config import DEFAULT_MAX_PIXELS, KafkaSettings
+
+log = logging.getLogger(__name__)
+
+
+def source_type_of(uri: str) -> str:
+    """The `source_type` label of a source: file, http or rtsp (as `masklet ingest` counts them)."""
+    from pipeline.kafka.ingest import source_type_of as ingest_source_type
+
+    return ingest_source_type(uri)
+
+# How long one blocking read (a Kafka poll) may take before the stop flag is checked again.
+POLL_INTERVAL_S = 0.25
+
+
+@dataclass
+class FeederState:
+    state: str = "starting"  # starting -> running -> finished | failed
+    error: Optional[str] = None
+    frames_fed: int = 0
+    size: Optional[tuple[int, int]] = None  # (width, height) once the first frame arrived
+
+
+@dataclass(frozen=True)
+class FeedFrame:
+    frame_idx: int
+    pts: float
+    rgb: np.ndarray = field(repr=False)
+    fps: Optional[float] = None
+
+
+class Feeder:
+    """Runs `frames()` on a daemon thread and hands each frame to `session.submit_frame`."""
+
+    def __init__(self, session: Any, stream_id: str, describe: str,
+                 frames: Callable[[threading.Event], Iterator[FeedFrame]], *, source_type: str = "live") -> None:
+        self.session = session
+        self.source_type = source_type
+        self.stream_id = stream_id
+        self.describe = describe
+        self.status = FeederState()
+        self._frames = frames
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"feeder-{stream_id}", daemon=True)
+
+    def start(self) -> "Feeder":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        try:
+            for frame in self._frames(self._stop):
+                if self._stop.is_set():
+                    return
+                if self.status.size is None:
+                    height, width = frame.rgb.shape[:2]
+                    self.session.open_stream(self.stream_id, width, height, fps=frame.fps, source_type=self.source_type)
+                    self.status.size = (width, height)
+                    self.status.state = "running"
+                self.session.submit_frame(self.stream_id, frame.frame_idx, frame.pts, frame.rgb)
+                self.status.frames_fed += 1
+            if not self._stop.is_set():
+                self.status.state = "finished"
+        except Exception as exc:  # a feeder failure ends its stream, never the server
+            log.warning("stream %s (%s) failed: %s", self.stream_id, self.describe, exc)
+            self.status.state = "failed"
+            self.status.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def source_frames(uri: str, *, realtime: bool, loop: bool, max_frames: Optional[int],
+                  max_pixels: int = DEFAULT_MAX_PIXELS, stats: Optional[Stats] = None,
+                  sleep: Callable[[float], None] = time.sleep) -> Callable[[threading.Event], Iterator[FeedFrame]]:
+    """Frames of a file, folder or http(s)/rtsp URL; network sources reconnect (counted in stats)."""
+    # The ingest command already knows how to reconnect and renumber frames monotonically.
+    from pipeline.kafka.ingest import IngestReport, ReconnectPolicy, _frames_with_reconnect
+    from pipeline.sources import open_source
+
+    def frames(stop: threading.Event) -> Iterator[FeedFrame]:
+        next_idx, pts_offset, fed = 0, 0.0, 0
+        while not stop.is_set():
+            report = IngestReport(stream_id="", source=uri)
+            remaining = None if max_frames is None else max_frames - fed
+            last_pts, start_wall, first_pts, step = None, time.monotonic(), None, 1 / 30
+            passed = _frames_with_reconnect(uri, report, ReconnectPolicy(), max_frames=remaining,
+                                            max_pixels=max_pixels, open_fn=open_source, sleep=sleep, stats=stats)
+            for _, pts, decoded in passed:
+                if stop.is_set():
+                    return
+                if realtime:  # pace like a camera so DROP_OLDEST and fps behave as live
+                    first_pts = pts if first_pts is None else first_pts
+                    delay = start_wall + (pts - first_pts) - time.monotonic()
+                    if delay > 0:
+                        stop.wait(min(delay, 1.0))
+                if last_pts is not None and pts > last_pts:
+                    step = pts - last_pts
+                last_pts = pts
+                yield FeedFrame(next_idx, pts_offset + pts, decoded.rgb, fps=round(1 / step, 3) if step else None)
+                next_idx += 1
+                fed += 1
+            if report.gave_up:
+                raise RuntimeError(f"{uri}: {report.give_up_reason}")
+            if not loop or next_idx == 0 or (max_frames is not None and fed >= max_frames):
+                return
+            pts_offset += (last_pts or 0.0) + step  # the next pass continues the timeline
+
+    return frames
+
+
+def kafka_frames(settings: KafkaSettings, kafka_stream: str, *, max_frames: Optional[int],
+                 max_pixels: int = DEFAULT_MAX_PIXELS) -> Callable[[threading.Event], Iterator[FeedFrame]]:
+    """Frames published under key `kafka_stream` on the frames topic, from now on.
+
+    A group-less consumer assigned every partition: it must not join `masklet run`'s consumer
+    group (that would steal partitions from it), and a live view starts at the end of the topic.
+    """
+
+    def frames(stop: threading.Event) -> Iterator[FeedFrame]:
+        from kafka import KafkaConsumer, TopicPartition
+
+        from pipeline.kafka.client import consumer_kwargs
+        from pipeline.kafka.codec import decode_frame
+        from pipeline.kafka.deadletter import Rejected
+
+        consumer = KafkaConsumer(**consumer_kwargs(settings, group=False))
+        try:
+            topic = settings.topics.frames
+            partitions = consumer.partitions_for_topic(topic) or set()
+            if not partitions:
+                raise RuntimeError(f"Kafka topic {topic!r} does not exist on {settings.bootstrap_servers}")
+            consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])
+            consumer.seek_to_end()
+            wanted, fed = kafka_stream.encode("utf-8"), 0
+            while not stop.is_set() and (max_frames is None or fed < max_frames):
+                batches = consumer.poll(timeout_ms=int(POLL_INTERVAL_S * 1000), max_records=64)
+                for records in batches.values():
+                    for record in records:
+                        if record.key != wanted:
+                            continue
+                        try:
+                            _, meta, rgb = decode_frame(record.key, record.value, record.headers, max_pixels)
+                        except Rejected as exc:  # `masklet run` dead-letters these; the viewer skips them
+                            log.info("skipping frame of %s: %s", kafka_stream, exc)
+                            continue
+                        yield FeedFrame(meta.frame_idx, meta.pts, rgb)
+                        fed += 1
+        finally:
+            consumer.close()
+
+    return frames

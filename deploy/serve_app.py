@@ -1,0 +1,354 @@
+"""The Masklet control API: a plain FastAPI app over a LiveSession, and its thin Ray Serve wrapper.
+
+    create_app(session_or_slot, settings=ServeSettings(...), token=...)   # tests, any ASGI server
+    deploy.serve_app:app                                                  # `serve deploy`, `masklet serve`
+
+Status codes: 401 without the bearer token (everything but /health/* and the console's static
+files); 422 for an invalid body, with one readable line per problem in "detail"; 413 for a body
+over `max_body_bytes`; 409 for a duplicate stream id or a prompt the session refuses
+(PromptRejected: unknown object, frame gone from the ring buffer); 503 with Retry-After while the
+model loads, at the stream cap (ServeSettings.max_streams, refused at POST /streams) and when too
+many requests are in flight. A stream that the LiveSession itself refuses once its first frame
+arrives (its own max_streams) shows state "failed" with the reason in GET /streams/{id}.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+
+from deploy.api_models import AddObject, CreateStream, Health, ObjectAccepted, RefineObject, StreamDetail, StreamSummary
+from deploy.api_runtime import KafkaProbe, OutputHub, SessionSlot, StreamRegistry
+from deploy.api_security import ApiLimits, GuardMiddleware, generate_token
+from pipeline.config import KafkaSettings, ServeSettings
+from pipeline.live import PromptRejected
+
+log = logging.getLogger(__name__)
+
+CONSOLE_DIR = Path(__file__).resolve().parent / "console"
+SSE_HEARTBEAT_S = 15.0
+
+
+def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token: Optional[str] = None,
+               kafka: Optional[KafkaSettings] = None, max_in_flight: int = 64) -> FastAPI:
+    """The API over `session` (a LiveSession, or a SessionSlot whose session is still loading).
+
+    The app owns `session.poll()` (it fans records out to /events); `token` defaults to the
+    settings' api_token. Kafka-sourced streams and the Kafka readiness check need `kafka`.
+    """
+    settings = settings or ServeSettings()
+    token = token or (settings.api_token.get_secret_value() if settings.api_token else None)
+    if not token:
+        raise ValueError("create_app needs a bearer token (settings.api_token or token=)")
+    slot = session if isinstance(session, SessionSlot) else SessionSlot(session)
+    limits = ApiLimits(max_body_bytes=settings.max_body_bytes, max_streams=settings.max_streams,
+                       max_in_flight=max_in_flight)
+    registry = StreamRegistry(slot, limits=limits, kafka=kafka)
+    hub = OutputHub()
+    kafka_probe = KafkaProbe(kafka) if kafka is not None else None
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        registry.shutdown()  # stop the feeders; the session's owner shuts the session down
+
+    app = FastAPI(lifespan=lifespan, title="Masklet control API", version="1", docs_url=None, redoc_url=None, openapi_url=None,
+                  description="Live SAM 2 video segmentation: streams, objects, masklets. "
+                              "Send `Authorization: Bearer <token>` with every request but /health/*.")
+    app.add_middleware(GuardMiddleware, token=token, limits=limits)
+    app.state.slot, app.state.registry, app.state.hub, app.state.limits = slot, registry, hub, limits
+
+    slot.when_ready(hub.attach)
+
+    @app.exception_handler(RequestValidationError)
+    async def _readable_422(_: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
+            problems.append(f"{where}: {str(error.get('msg', '')).removeprefix('Value error, ')}")
+        return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
+
+    # -- console, schema, health, metrics ------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    def console() -> FileResponse:
+        return FileResponse(CONSOLE_DIR / "index.html", headers={"Cache-Control": "no-store"})
+
+    @app.get("/console/{name}", include_in_schema=False)
+    def console_asset(name: str) -> FileResponse:
+        if name not in ("index.html", "app.js", "style.css"):
+            raise HTTPException(404, "not found")
+        return FileResponse(CONSOLE_DIR / name, headers={"Cache-Control": "no-store"})
+
+    @app.get("/openapi.json", include_in_schema=False)
+    def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/health/live", response_model=Health)
+    def health_live() -> Health:
+        return Health(status="ok", ready=slot.state == "ready")
+
+    @app.get("/health/ready", response_model=Health, responses={503: {"model": Health}})
+    def health_ready(response: Response) -> Health:
+        if slot.state != "ready":
+            response.status_code = 503
+            response.headers["Retry-After"] = "5"
+            return Health(status="loading" if slot.state == "loading" else "unavailable", ready=False,
+                          detail=slot.error or "model is loading")
+        if kafka_probe is not None:
+            reachable, detail = kafka_probe()
+            if not reachable:
+                response.status_code = 503
+                response.headers["Retry-After"] = "5"
+                return Health(status="unavailable", ready=False, detail=detail)
+        return Health(status="ok", ready=True)
+
+    @app.get("/metrics", response_class=Response)
+    def metrics() -> Response:
+        from monitoring.exporter import CONTENT_TYPE_LATEST, render_latest
+        from monitoring.stats import merge
+
+        snapshots = [registry.stats.snapshot()]
+        if slot.session is not None:
+            snapshots.append(slot.session.stats_snapshot())
+        return Response(render_latest(merge(snapshots)), media_type=CONTENT_TYPE_LATEST)
+
+    # -- streams -------------------------------------------------------------------------------
+
+    def summary(feeder: Any) -> StreamSummary:
+        return StreamSummary(stream_id=feeder.stream_id, source=feeder.describe, state=_state(feeder),
+                             error=feeder.status.error)
+
+    @app.post("/streams", status_code=201, response_model=StreamSummary)
+    def create_stream(request: CreateStream) -> StreamSummary:
+        return summary(registry.create(request))
+
+    @app.get("/streams", response_model=list[StreamSummary])
+    def list_streams() -> list[StreamSummary]:
+        return [summary(feeder) for feeder in registry.all()]
+
+    @app.get("/streams/{stream_id}", response_model=StreamDetail)
+    def get_stream(stream_id: str) -> StreamDetail:
+        feeder = registry.get(stream_id)
+        base = summary(feeder).model_dump()
+        status = _session_status(slot, feeder)
+        if status is None:
+            width, height = feeder.status.size or (0, 0)
+            return StreamDetail(**base, width=width, height=height, fps=0.0, frames_in=0, frames_published=0,
+                                frames_dropped=0, lag_frames=0, objects={})
+        return StreamDetail(**base, width=status.width, height=status.height, fps=float(status.fps or 0.0),
+                            frames_in=status.frames_in, frames_published=status.frames_published,
+                            frames_dropped=status.frames_dropped, lag_frames=status.lag_frames,
+                            objects={int(k): float(v) for k, v in status.objects.items()})
+
+    @app.delete("/streams/{stream_id}", status_code=204, response_class=Response)
+    def delete_stream(stream_id: str) -> Response:
+        registry.delete(stream_id)
+        return Response(status_code=204)
+
+    # -- objects -------------------------------------------------------------------------------
+
+    def submit(stream_id: str, object_id: int, body: Any, action: str) -> ObjectAccepted:
+        feeder = registry.get(stream_id)
+        session = slot.require()
+        if feeder.status.size is None:
+            raise HTTPException(409, f"stream {stream_id!r} has no frames yet; retry once it is running")
+        frame_idx = body.frame_idx if body is not None and body.frame_idx is not None else _latest_idx(session, stream_id)
+        if body is None:
+            from pipeline.messages import PromptMessage
+            message = PromptMessage(stream_id=stream_id, object_id=object_id, frame_idx=frame_idx, action=action)
+        else:
+            message = body.to_prompt(stream_id, object_id, frame_idx, action)
+        try:
+            session.submit_prompt(message)
+        except PromptRejected as exc:
+            raise HTTPException(409, str(exc)) from None
+        return ObjectAccepted(stream_id=stream_id, object_id=object_id, frame_idx=frame_idx, action=action)
+
+    @app.post("/streams/{stream_id}/objects", status_code=202, response_model=ObjectAccepted)
+    def add_object(stream_id: str, body: AddObject) -> ObjectAccepted:
+        feeder = registry.get(stream_id)
+        status = _session_status(slot, feeder)
+        known = set(status.objects) if status is not None else set()
+        object_id = registry.allocate_object_id(stream_id, body.object_id, known)
+        return submit(stream_id, object_id, body, "add")
+
+    @app.post("/streams/{stream_id}/objects/{object_id}/refine", status_code=202, response_model=ObjectAccepted)
+    def refine_object(stream_id: str, object_id: int, body: RefineObject) -> ObjectAccepted:
+        return submit(stream_id, object_id, body, "refine")
+
+    @app.delete("/streams/{stream_id}/objects/{object_id}", status_code=202, response_model=ObjectAccepted)
+    def remove_object(stream_id: str, object_id: int) -> ObjectAccepted:
+        return submit(stream_id, object_id, None, "remove")
+
+    # -- outputs -------------------------------------------------------------------------------
+
+    @app.get("/streams/{stream_id}/frame.png", response_class=Response,
+             responses={200: {"content": {"image/png": {}}}, 204: {"description": "no frame published yet"}})
+    def frame_png(stream_id: str) -> Response:
+        registry.get(stream_id)
+        output = _latest(slot, stream_id)
+        if output is None:
+            return Response(status_code=204, headers={"Retry-After": "1"})
+        png = _overlay_png(output)
+        return Response(png, media_type="image/png",
+                        headers={"Cache-Control": "no-store", "X-Frame-Index": str(output.record.frame_idx)})
+
+    @app.get("/streams/{stream_id}/masklet", responses={204: {"description": "no record published yet"}})
+    def masklet(stream_id: str) -> Response:
+        registry.get(stream_id)
+        output = _latest(slot, stream_id)
+        if output is None:
+            return Response(status_code=204, headers={"Retry-After": "1"})
+        return Response(output.record.to_json_bytes(), media_type="application/json",
+                        headers={"Cache-Control": "no-store"})
+
+    @app.get("/streams/{stream_id}/events", response_class=StreamingResponse,
+             responses={200: {"content": {"text/event-stream": {}}}})
+    async def events(stream_id: str, request: Request) -> StreamingResponse:
+        registry.get(stream_id)
+        key, queue = hub.subscribe(stream_id)
+
+        async def feed():
+            try:
+                yield ": masklet records of stream %s\n\n" % stream_id
+                while not await request.is_disconnected():
+                    try:
+                        frame_idx, text = await asyncio.wait_for(queue.get(), timeout=SSE_HEARTBEAT_S)
+                    except asyncio.TimeoutError:
+                        yield ": keep-alive\n\n"  # proxies close idle connections
+                        continue
+                    yield f"event: masklet\nid: {frame_idx}\ndata: {text}\n\n"
+            finally:
+                hub.unsubscribe(key)
+
+        return StreamingResponse(feed(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+    return app
+
+
+def _state(feeder: Any) -> str:
+    return {"starting": "running"}.get(feeder.status.state, feeder.status.state)
+
+
+def _session_status(slot: SessionSlot, feeder: Any) -> Any:
+    if slot.session is None or feeder.status.size is None:
+        return None
+    try:
+        return slot.session.status(feeder.stream_id)
+    except (KeyError, ValueError):
+        return None
+
+
+def _latest(slot: SessionSlot, stream_id: str) -> Any:
+    session = slot.require()
+    try:
+        return session.latest(stream_id)
+    except (KeyError, ValueError):
+        return None
+
+
+def _latest_idx(session: Any, stream_id: str) -> int:
+    try:
+        output = session.latest(stream_id)
+    except (KeyError, ValueError):
+        output = None
+    return output.record.frame_idx if output is not None else 0
+
+
+def _overlay_png(output: Any) -> bytes:
+    from PIL import Image
+
+    from pipeline.sinks import draw_overlay
+
+    image = Image.fromarray(draw_overlay(output.rgb, output.masks))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)  # speed over size: the console polls it
+    return buffer.getvalue()
+
+
+# -- Ray Serve -----------------------------------------------------------------------------------
+
+def _serve_deployment() -> Any:
+    from ray import serve
+
+    @serve.deployment(name="MaskletAPI")
+    @serve.ingress()
+    class MaskletAPI:
+        """One replica holds one LiveSession (model, batched encoder, trackers) and serves the API.
+
+        `options` (the application's `args`): model, checkpoint, image_size, device, max_batch_size,
+        max_wait_ms, kafka (bool), token, config (YAML path). `user_config` (live): max_streams,
+        max_request_bytes.
+        """
+
+        def __init__(self, options: Optional[dict] = None) -> None:
+            from pipeline.config import load_settings
+
+            options = dict(options or {})
+            self.settings = load_settings(options.pop("config", None))
+            token = options.pop("token", None) or os.environ.get("MASKLET_API_TOKEN")
+            if not token:
+                token = generate_token()
+                log.warning("MASKLET_API_TOKEN is not set; generated API token: %s", token)
+            self.token = token
+            self.options = options
+            self.limits: Optional[ApiLimits] = None
+            self.slot = SessionSlot()
+            self.slot.load_in_background(lambda: build_live_session(self.settings, self.options))
+
+        def __serve_build_asgi_app__(self) -> FastAPI:
+            kafka = self.settings.kafka if self.options.get("kafka") else None
+            app = create_app(self.slot, self.settings.serve, token=self.token, kafka=kafka)
+            self.limits = app.state.limits
+            return app
+
+        def reconfigure(self, user_config: dict) -> None:
+            # Serve calls this after the app is built, and again on every config change.
+            if self.limits is not None:
+                user_config = user_config or {}
+                self.limits.max_streams = int(user_config.get("max_streams", self.limits.max_streams))
+                self.limits.max_body_bytes = int(user_config.get("max_request_bytes", self.limits.max_body_bytes))
+
+    return MaskletAPI
+
+
+def build_live_session(settings: Any, options: dict) -> Any:
+    """A LiveSession with an in-process backend: the model lives in this replica (its GPU share)."""
+    import torch
+
+    from actors.common import ModelSpec
+    from model.checkpoints import resolve_checkpoint
+    from pipeline.backend import InProcessBackend
+    from pipeline.live import LiveConfig, LiveSession
+
+    name = options.get("model", settings.model.name)
+    checkpoint = options.get("checkpoint", settings.model.checkpoint)
+    resolved = resolve_checkpoint(name, None if checkpoint == "random" else checkpoint)
+    device = options.get("device", settings.model.device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = ModelSpec(name, None if resolved is None else str(resolved),
+                      int(options.get("image_size", settings.model.image_size)), device)
+    config = LiveConfig(max_batch_size=int(options.get("max_batch_size", settings.pipeline.max_batch_size)),
+                        max_wait_ms=float(options.get("max_wait_ms", settings.pipeline.max_wait_ms)),
+                        max_streams=int(options.get("max_streams", settings.serve.max_streams)))
+    return LiveSession(InProcessBackend(), model, config)
+
+
+def app(args: Optional[dict] = None) -> Any:
+    """Serve application builder (`import_path: deploy.serve_app:app`; the config's `args` are `options`).
+
+    A builder rather than a bound application, so importing this module for `create_app` (tests,
+    other ASGI servers) neither imports Ray Serve nor loads a model.
+    """
+    return _serve_deployment().bind(dict(args or {}))

@@ -1,0 +1,81 @@
+"""`masklet serve`: the HTTP control API, web console and /metrics on Ray Serve.
+
+Safe by default: binds 127.0.0.1, requires `Authorization: Bearer <token>` (MASKLET_API_TOKEN;
+one is generated and printed when unset), and starts Ray without its dashboard, whose job API
+has no authentication (CVE-2023-48022). Publish it beyond loopback only behind TLS.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("serve", help="run the HTTP control API and web console (Ray Serve)",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", default="sam2.1_hiera_tiny")
+    p.add_argument("--checkpoint", default="auto", help="auto (download official weights), a .pt path, or random")
+    p.add_argument("--image-size", type=int, default=1024)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--max-streams", type=int, help="stream cap (default: serve.max_streams)")
+    p.add_argument("--kafka", action="store_true",
+                   help="allow Kafka-sourced streams and require the broker for readiness (kafka.* settings)")
+    p.add_argument("--config", type=Path, help="YAML config (model, pipeline, kafka, serve sections)")
+    p.set_defaults(func=run_serve)
+
+
+def serve_options(args: argparse.Namespace, token: str) -> dict:
+    """The MaskletAPI deployment's options (deploy.serve_app:app args)."""
+    options = {"model": args.model, "checkpoint": args.checkpoint, "image_size": args.image_size,
+               "device": args.device, "kafka": bool(args.kafka), "token": token}
+    if args.config is not None:
+        options["config"] = str(args.config.resolve())
+    if args.max_streams is not None:
+        options["max_streams"] = args.max_streams
+    return options
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from deploy.api_security import generate_token
+    from pipeline.config import ConfigError, load_settings
+    from pipeline.segment import RANDOM_WEIGHTS_WARNING
+
+    try:
+        settings = load_settings(args.config, serve={"host": args.host, "port": args.port},
+                                 model={"name": args.model, "checkpoint": args.checkpoint,
+                                        "image_size": args.image_size, "device": args.device})
+    except ConfigError as exc:
+        print(f"masklet serve: error: {exc}", file=sys.stderr)
+        return 2
+    token = settings.serve.api_token.get_secret_value() if settings.serve.api_token else None
+    if not token:
+        token = generate_token()
+        print(f"MASKLET_API_TOKEN is not set; generated API token (send as 'Authorization: Bearer <token>'):\n"
+              f"  {token}", file=sys.stderr)
+    if settings.model.checkpoint == "random":
+        print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
+
+    import ray
+    from ray import serve
+
+    from deploy.serve_app import app
+
+    ray.init(include_dashboard=False, configure_logging=False)  # never expose the dashboard/job API
+    serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
+    serve.run(app(serve_options(args, token)), name="masklet", route_prefix="/")
+    print(f"masklet serve: console and API on http://{settings.serve.host}:{settings.serve.port}/ "
+          f"(readiness: /health/ready)", file=sys.stderr)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    return 0

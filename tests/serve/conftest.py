@@ -1,0 +1,95 @@
+"""Fixtures for the control API: a generated clip, a server on a free loopback port, a client."""
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+
+TOKEN = "test-token-0123456789"
+
+
+def make_clip(path: Path, frames: int = 20, size: tuple[int, int] = (96, 64), fps: int = 10) -> Path:
+    """A small lossless H.264 clip: a bright square moving over a dark gradient."""
+    import av
+
+    width, height = size
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264rgb", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "rgb24"
+        stream.options = {"qp": "0"}
+        for i in range(frames):
+            rgb = np.zeros((height, width, 3), np.uint8)
+            rgb[..., 2] = np.linspace(0, 80, width, dtype=np.uint8)[None, :]
+            x = 10 + 2 * i
+            rgb[20:40, x:x + 20] = (220, 220, 220)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+@pytest.fixture(scope="session")
+def clip(tmp_path_factory) -> Path:
+    return make_clip(tmp_path_factory.mktemp("clips") / "square.mp4")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LoopbackServer:
+    """uvicorn in a thread on 127.0.0.1 (a real HTTP server: streaming, disconnects, limits)."""
+
+    def __init__(self, app) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "LoopbackServer":
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("uvicorn did not start")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+class Client:
+    def __init__(self, url: str, token: str | None = TOKEN) -> None:
+        self.url = url
+        self.session = requests.Session()
+        if token:
+            self.session.headers["Authorization"] = f"Bearer {token}"
+
+    def __getattr__(self, method):
+        def call(path, **kwargs):
+            kwargs.setdefault("timeout", 10)
+            return self.session.request(method.upper(), self.url + path, **kwargs)
+        return call
+
+
+def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out waiting for {message}")

@@ -1,0 +1,123 @@
+"""The web console in Debian's chromium (headless, via Selenium and /usr/bin/chromedriver).
+
+Real LiveSession (random weights, 256 px, in-process). The test enters the token, clicks on the
+live frame, and sees the object appear with its mask area in the page and in the API's record.
+It fails (never skips) when chromium is missing: `.ci/run` installs it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from deploy.serve_app import create_app
+from pipeline.config import ServeSettings
+from tests.serve.conftest import TOKEN, Client, LoopbackServer, wait_for
+from tests.serve.live_fixtures import real_live_session
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMEDRIVER = Path("/usr/bin/chromedriver")
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1280,900")
+
+
+@pytest.fixture()
+def browser(tmp_path):
+    assert CHROMIUM.exists() and CHROMEDRIVER.exists(), (
+        "Debian's chromium and chromium-driver are required: apt-get install -y chromium chromium-driver")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ["SE_OFFLINE"] = "true"  # Selenium Manager must never download a browser or driver
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in CHROMIUM_FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    driver = webdriver.Chrome(service=Service(executable_path=str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)
+
+
+def test_click_on_the_frame_adds_an_object_whose_mask_shows_in_page_and_api(browser, clip):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+
+    session = real_live_session()
+    try:
+        with LoopbackServer(create_app(session, ServeSettings(), token=TOKEN)) as server:
+            client = Client(server.url)
+            assert client.post("/streams", json={"stream_id": "cam1", "source": str(clip), "loop": True}).status_code == 201
+
+            browser.get(server.url + "/")
+            token_input = browser.find_element(By.ID, "token")
+            assert token_input.is_displayed()  # the page asks for the token first
+            token_input.send_keys(TOKEN)
+            browser.find_element(By.ID, "token-save").click()
+            assert browser.execute_script("return sessionStorage.getItem('masklet-token')") == TOKEN
+
+            frame = browser.find_element(By.ID, "frame")
+            wait_for(lambda: browser.execute_script("return arguments[0].naturalWidth", frame) == 96,
+                     timeout=60, message="live frame in the page")
+            # a plain click (no drag, no shift) is a positive point: the first one adds object 1
+            ActionChains(browser).move_to_element_with_offset(frame, 10, 0).click().perform()
+            # the list is re-rendered every second: read it with one script, never hold its elements
+            read_object = """const li = document.querySelector("#objects li[data-object-id='1']");
+                return li && {area: Number(li.dataset.area), score: li.querySelector('.score').textContent};"""
+            shown = wait_for(lambda: (o := browser.execute_script(read_object)) and o["area"] > 0 and o,
+                             timeout=60, message="object 1 with a non-empty mask in the page")
+            assert shown["score"] != "-"  # its presence score is shown
+
+            record = client.get("/streams/cam1/masklet").json()
+            [obj] = [o for o in record["objects"] if o["object_id"] == 1]
+            assert obj["area"] > 0 and obj["rle"]["size"] == [64, 96]
+            assert browser.find_element(By.ID, "status").text.startswith("add object 1 at frame")
+
+            # remove it from the page
+            browser.execute_script("document.querySelector(\"#objects li[data-object-id='1'] .remove\").click()")
+            wait_for(lambda: "1" not in client.get("/streams/cam1").json()["objects"], timeout=30,
+                     message="object removed")
+    finally:
+        session.shutdown()
+
+
+def test_shift_click_refines_with_a_negative_point_and_drag_draws_a_box(browser, clip):
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    from tests.serve.fake_session import FakeLiveSession
+
+    fake = FakeLiveSession()
+    with LoopbackServer(create_app(fake, ServeSettings(), token=TOKEN)) as server:
+        client = Client(server.url)
+        client.post("/streams", json={"stream_id": "cam1", "source": str(clip), "loop": True})
+        browser.get(server.url + "/")
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "token-save").click()
+        frame = browser.find_element(By.ID, "frame")
+        wait_for(lambda: browser.execute_script("return arguments[0].naturalWidth", frame) == 96, timeout=30,
+                 message="live frame")
+        ActionChains(browser).move_to_element_with_offset(frame, -20, -10).click().perform()
+        wait_for(lambda: len(fake.prompts) == 1, message="add")
+        ActionChains(browser).key_down(Keys.SHIFT).move_to_element_with_offset(frame, -20, -10).click() \
+            .key_up(Keys.SHIFT).perform()
+        wait_for(lambda: len(fake.prompts) == 2, message="refine")
+        browser.find_element(By.ID, "new-object").click()
+        ActionChains(browser).move_to_element_with_offset(frame, 5, 0).click_and_hold() \
+            .move_by_offset(30, 20).release().perform()
+        wait_for(lambda: len(fake.prompts) == 3, message="box")
+    add, refine, box = fake.prompts
+    assert add.action == "add" and add.labels == [1] and add.object_id == 1
+    assert refine.action == "refine" and refine.labels == [0] and refine.object_id == 1
+    assert refine.points == add.points and add.frame_idx >= 0
+    assert box.action == "add" and box.object_id == 2 and box.box is not None
+    x0, y0, x1, y1 = box.box
+    assert x0 < x1 and y0 < y1 and all(0 <= v <= 96 for v in (x0, x1)) and all(0 <= v <= 64 for v in (y0, y1))

@@ -1,0 +1,43 @@
+"""The Ray Serve application itself, on loopback: deploy, authenticate, feed a stream, read a record."""
+from __future__ import annotations
+
+import pytest
+
+from tests.serve.conftest import TOKEN, Client, free_port, wait_for
+
+
+@pytest.fixture()
+def ray_serve():
+    import ray
+    from ray import serve
+
+    # No dashboard (its job API has no auth); only this test's local cluster.
+    ray.init(include_dashboard=False, num_cpus=2, configure_logging=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_serve_app_answers_on_loopback(ray_serve, clip):
+    from ray import serve
+
+    from deploy.serve_app import app
+
+    options = {"checkpoint": "random", "image_size": 256, "device": "cpu", "token": TOKEN, "max_batch_size": 2}
+    serve.run(app(options), name="masklet", route_prefix="/")
+    client, anonymous = Client(f"http://127.0.0.1:{ray_serve}"), Client(f"http://127.0.0.1:{ray_serve}", None)
+    assert anonymous.get("/health/live").status_code == 200
+    wait_for(lambda: anonymous.get("/health/ready").status_code == 200, timeout=120, interval=0.5,
+             message="model loaded in the replica")
+    assert anonymous.get("/streams").status_code == 401
+    created = client.post("/streams", json={"stream_id": "cam1", "source": str(clip), "realtime": False})
+    assert created.status_code == 201, created.text
+    wait_for(lambda: client.get("/streams/cam1/masklet").status_code == 200, timeout=60, message="first record")
+    record = client.get("/streams/cam1/masklet").json()
+    assert record["schema"] == "masklet/v1" and record["width"] == 96
+    assert "masklet_frames_in_total" in client.get("/metrics").text
+    assert client.delete("/streams/cam1").status_code == 204
