@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=30)
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--model", default="sam2.1_hiera_tiny")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per side; the best counts")
     parser.add_argument("--video", default=str(ROOT.parent / "shared" / "videos" / "01_dog.mp4"))
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "model_bench.json"))
     args = parser.parse_args()
@@ -77,15 +78,21 @@ def main() -> None:
         state, images = official_state(official, frames, Path(tmp))
         video_size = (state["video_height"], state["video_width"])
         for num_objects in (1, 3):
-            # Warm-up on 2 frames so one-time allocations do not count against either side.
+            # Warm-up on 2 frames so one-time allocations do not count against either side; then
+            # alternate the sides so drift in machine load does not favour one of them.
             time_ours(ours, images[:2], video_size, num_objects)
-            t_official = time_official(official, frames, Path(tmp) / f"o{num_objects}", num_objects)
-            t_ours = time_ours(ours, images, video_size, num_objects)
+            official_times, our_times = [], []
+            for r in range(args.repeats):
+                official_times.append(time_official(official, frames, Path(tmp) / f"o{num_objects}-{r}", num_objects))
+                our_times.append(time_ours(ours, images, video_size, num_objects))
+            t_official, t_ours = min(official_times), min(our_times)
             row = {
                 "objects": num_objects,
                 "official_fps": args.frames / t_official,
                 "masklet_fps": args.frames / t_ours,
                 "ratio": t_official / t_ours,
+                "official_seconds_per_run": official_times,
+                "masklet_seconds_per_run": our_times,
             }
             rows.append(row)
             print(f"{num_objects} object(s): official {row['official_fps']:.2f} frames/s, "
@@ -93,8 +100,12 @@ def main() -> None:
     result = {
         "benchmark": "model_bench", "model": args.model, "image_size": args.image_size, "frames": args.frames,
         "video": Path(args.video).name, "frame_size": [640, 360], "machine": machine(), "results": rows,
+        "repeats": args.repeats,
         "notes": "same random weights and preprocessed frames on both sides; both encode every frame once "
-                 "and track each object; timings include image encoding",
+                 "and track each object; timings include image encoding; best of alternating repeats",
+        "limits": "per object-step, memory attention (SDPA + linear layers) is ~88% of the time at 512 px and "
+                  "runs the same kernels on both sides; bit-exact parity rules out caching the k/v projections "
+                  "of stored memories, which would change float rounding",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
