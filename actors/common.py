@@ -7,6 +7,7 @@ reader, so an embedding put once is read by every tracker of its stream from the
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 import warnings
 from dataclasses import dataclass
@@ -29,11 +30,15 @@ class ModelSpec:
     factory: str = "model:build_model"  # "module:function"; tests point this at a fake
     seed: int = 0
 
-    def build(self) -> Any:
+    def build(self, with_image_encoder: bool = True) -> Any:
         module_name, func_name = self.factory.split(":")
         build = getattr(importlib.import_module(module_name), func_name)
         torch.manual_seed(self.seed)
-        model = build(name=self.name, checkpoint=self.checkpoint, image_size=self.image_size, device=self.device)
+        kwargs = {}
+        if not with_image_encoder and "with_image_encoder" in inspect.signature(build).parameters:
+            kwargs["with_image_encoder"] = False  # tracker actors never encode frames
+        model = build(name=self.name, checkpoint=self.checkpoint, image_size=self.image_size, device=self.device,
+                      **kwargs)
         return model.eval() if hasattr(model, "eval") else model
 
 

@@ -118,7 +118,7 @@ class TrackerActor:
     def __init__(self, spec: ModelSpec, video_size: tuple[int, int], object_id: int, soft_masks: bool = False,
                  snapshot: TrackerSnapshot | None = None, num_threads: int | None = 1) -> None:
         limit_threads(num_threads)
-        self.core = TrackerCore(spec.build(), video_size, object_id, soft_masks, snapshot)
+        self.core = TrackerCore(spec.build(with_image_encoder=False), video_size, object_id, soft_masks, snapshot)
         self.stats = Stats()
 
     def step(self, direction: str, frame_idx: int, embedding: Any, prompt: Prompt | None = None) -> TrackedMask:

@@ -93,20 +93,33 @@ def build_model(
     device: str | torch.device = "cpu",
     *,
     progress: bool = True,
+    with_image_encoder: bool = True,
     **config_overrides,
 ) -> SAM2Model:
-    """Build a variant by name. checkpoint: None/"random" = random init, "auto" = download, or a path."""
+    """Build a variant by name. checkpoint: None/"random" = random init, "auto" = download, or a path.
+
+    with_image_encoder=False gives a tracking-only copy (per-object tracker actors): the image encoder
+    is most of the model (212M of 224M parameters for large) and trackers only consume embeddings.
+    """
     config = get_config(name, image_size=image_size, **config_overrides)
+    path = resolve_checkpoint(name, checkpoint, progress=progress)
+    # Random weights are drawn in construction order, so a random tracking-only copy still builds
+    # (then drops) the image encoder: its heads must equal those of the full copy that encodes.
+    build_encoder = with_image_encoder or path is None
     model = SAM2Model(
         config,
-        image_encoder=_image_encoder(config),
+        image_encoder=_image_encoder(config) if build_encoder else None,
         memory_attention=_memory_attention(config),
         memory_encoder=_memory_encoder(config),
         prompt_encoder=_prompt_encoder(config),
         mask_decoder=_mask_decoder(config),
     )
-    path = resolve_checkpoint(name, checkpoint, progress=progress)
     if path is not None:
-        load_state_dict_strict(model, read_checkpoint(path), model_name=name, source=str(path))
+        state_dict = read_checkpoint(path)
+        if not build_encoder:
+            state_dict = {k: v for k, v in state_dict.items() if not k.startswith("image_encoder.")}
+        load_state_dict_strict(model, state_dict, model_name=name, source=str(path))
         log.info("loaded %s weights from %s", name, path)
+    if not with_image_encoder:
+        model.image_encoder = None
     return model.to(resolve_device(device)).eval()

@@ -19,7 +19,7 @@ from torch.nn.init import trunc_normal_
 
 from .common import MLP
 from .config import ModelConfig
-from .position_encoding import sine_embedding_1d
+from .position_encoding import PositionEmbeddingSine, sine_embedding_1d
 from .types import FrameEmbedding
 
 NO_OBJECT_LOGIT = -1024.0  # mask logit written where the object is judged absent (official value)
@@ -47,7 +47,7 @@ class SAM2Model(nn.Module):
     def __init__(
         self,
         config: ModelConfig,
-        image_encoder: nn.Module,
+        image_encoder: Optional[nn.Module],
         memory_attention: nn.Module,
         memory_encoder: nn.Module,
         prompt_encoder: nn.Module,
@@ -58,7 +58,10 @@ class SAM2Model(nn.Module):
         c = config
         self.image_size = c.image_size
         self.hidden_dim, self.mem_dim = c.hidden_dim, c.mem_dim
-        self.image_encoder = image_encoder
+        self.image_encoder = image_encoder  # None in tracker-only copies (see build_model)
+        # Parameter-free; the same encoding the FPN neck attaches to the top level. Kept here so
+        # tracker-only copies (no image encoder) can still condition on memory.
+        self.image_position_encoding = PositionEmbeddingSine(c.hidden_dim, normalize=True, scale=None, temperature=10000)
         self.memory_attention = memory_attention
         self.memory_encoder = memory_encoder
         self.sam_prompt_encoder = prompt_encoder
@@ -120,6 +123,9 @@ class SAM2Model(nn.Module):
     @torch.inference_mode()
     def encode(self, frames: torch.Tensor | np.ndarray) -> list[FrameEmbedding]:
         """One image-encoder forward pass for a batch of frames from any streams."""
+        if self.image_encoder is None:
+            raise RuntimeError("this model copy was built without its image encoder (tracking only); "
+                               "build it with with_image_encoder=True to encode frames")
         x = self.preprocess(frames)
         fpn = self.image_encoder(x)["backbone_fpn"]  # [B,C,S/4,S/4], [B,C,S/8,S/8], [B,C,S/16,S/16]
         s0 = self.sam_mask_decoder.conv_s0(fpn[0])  # [B, C/8, S/4, S/4]
@@ -136,7 +142,7 @@ class SAM2Model(nn.Module):
 
         def make():
             dummy = torch.zeros(1, self.hidden_dim, h, w, device=self.device)
-            return self.image_encoder.neck.position_encoding(dummy).flatten(2).permute(2, 0, 1)
+            return self.image_position_encoding(dummy).flatten(2).permute(2, 0, 1)
 
         return self._cached(("image_pos", h, w, self.device), make)
 

@@ -156,3 +156,31 @@ def test_bad_prompts_give_clear_errors(tiny_pair):
         tracker.step(2, embedding)
     with pytest.raises(ValueError, match="unknown model"):
         build_model("sam3_hiera_huge")
+
+
+def test_tracking_only_copy_matches_the_full_model(tiny_pair, tmp_path):
+    """Tracker actors build without the image encoder; their masks must not change."""
+    official, ours = tiny_pair
+    path = tmp_path / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": official.state_dict()}, path)
+    from_file = build_model("sam2.1_hiera_tiny", checkpoint=str(path), image_size=256, with_image_encoder=False)
+    torch.manual_seed(0)
+    full_random = build_model("sam2.1_hiera_tiny", checkpoint=None, image_size=256)
+    torch.manual_seed(0)
+    heads_random = build_model("sam2.1_hiera_tiny", checkpoint=None, image_size=256, with_image_encoder=False)
+    assert from_file.image_encoder is None and heads_random.image_encoder is None
+    n_full = sum(p.numel() for p in ours.parameters())
+    n_heads = sum(p.numel() for p in from_file.parameters())
+    print(f"parameters: full {n_full:,}, tracking-only {n_heads:,}")
+    assert n_heads < n_full / 2
+    with pytest.raises(RuntimeError, match="without its image encoder"):
+        from_file.encode(torch.zeros(1, 64, 64, 3, dtype=torch.uint8))
+
+    frames = torch.randint(0, 256, (3, 90, 160, 3), dtype=torch.uint8)
+    for encoder_model, tracking_model in ((ours, from_file), (full_random, heads_random)):
+        embeddings = encoder_model.encode(frames)
+        a, b = encoder_model.new_tracker((90, 160)), tracking_model.new_tracker((90, 160))
+        prompt = Prompt(points=[[80, 45]], labels=[1])
+        for i, emb in enumerate(embeddings):
+            ra, rb = a.step(i, emb, prompt if i == 0 else None), b.step(i, emb, prompt if i == 0 else None)
+            assert torch.equal(ra.logits, rb.logits), f"frame {i}: tracking-only copy differs"
