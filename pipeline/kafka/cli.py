@@ -153,10 +153,12 @@ def run_run(args: argparse.Namespace) -> int:
                       settings.model.image_size, device)
     if device.startswith("cuda"):
         config = LiveConfig(**{**config.__dict__, "encoder_gpus": 0.5, "tracker_gpus": 0.01})
+    backend = InProcessBackend() if (args.backend or ps.backend) == "inprocess" else RayBackend()
+    # After the backend: ray.init installs its own SIGTERM handler, which would kill the driver
+    # before it flushes, commits and leaves the group.
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    backend = InProcessBackend() if (args.backend or ps.backend) == "inprocess" else RayBackend()
     try:
         runner = KafkaRunner(kafka, backend, model, config, overload=args.overload, max_pixels=ps.max_pixels)
         print(f"masklet run: consuming {kafka.topics.frames} + {kafka.topics.prompts} as group "

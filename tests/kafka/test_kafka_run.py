@@ -169,12 +169,12 @@ def test_dead_letters_keep_the_stream_going(kafka_settings, consume_records):
     assert bg.runner.report.dead_letters == 5
 
 
-def _run_cli(settings, group: str) -> subprocess.Popen:
+def _run_cli(settings, group: str, backend: str = "inprocess") -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     for name in ("frames", "prompts", "masklets", "deadletter"):
         env[f"MASKLET_KAFKA__TOPICS__{name.upper()}"] = getattr(settings.topics, name)
     return subprocess.Popen([sys.executable, "-m", "pipeline.kafka.cli", "run", "--checkpoint", "random",
-                             "--image-size", "256", "--device", "cpu", "--backend", "inprocess", "--overload", "pause",
+                             "--image-size", "256", "--device", "cpu", "--backend", backend, "--overload", "pause",
                              "--bootstrap-servers", settings.bootstrap_servers, "--group-id", group],
                             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -195,7 +195,8 @@ def test_crash_and_resume_gives_every_frame_a_record(kafka_settings, consume_rec
     seen = {r.frame_idx for r in records_of(consume_records, kafka_settings, 40, 2)}
     assert len(seen) < 40, "the run finished before the kill; the test needs it mid-stream"
 
-    second = _run_cli(kafka_settings, "crash")
+    # The restart runs on the CLI's default Ray backend: actors in their own processes.
+    second = _run_cli(kafka_settings, "crash", backend="ray")
     try:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
