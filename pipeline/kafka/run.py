@@ -10,6 +10,12 @@ drop (`LiveOutput.tokens`), is acked; a dead-lettered record is done when handed
 stream at or after its frame is acked, so a crash before the prompt took effect replays it.
 `OffsetBook` commits, per partition, the lowest offset not yet done: offsets are committed
 contiguously even though streams of one partition finish out of order.
+
+Metrics: `self.stats` holds the runner's own counts (dead letters, frames refused before the
+session, reconnects, `masklet_kafka_consumer_lag`); `stats_snapshot()` merges them with the
+session's. Every consumed frame is counted once in `masklet_frames_in_total`: by the session when
+submitted, by the runner when refused before that (dead-lettered, and counted as dropped with the
+dead-letter reason), so frames in == published + dropped once a run has drained.
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
 from actors.common import ModelSpec
-from monitoring.stats import Stats
+from monitoring.stats import Stats, StatsSnapshot, merge
 from pipeline.backend import Backend
 from pipeline.config import DEFAULT_MAX_PIXELS, KafkaSettings
 from pipeline.kafka.client import consumer_kwargs, producer_kwargs
@@ -110,6 +116,8 @@ class KafkaRunner:
         self._by_seq: dict[int, tuple[tuple, str, int]] = {}
         self._prompt_waits: dict[str, list[tuple[int, TP, int]]] = {}
         self._backlog: deque[AcceptedFrame] = deque()
+        self._paused = False
+        self._next_offset: dict[TopicPartition, int] = {}  # frames partitions: next offset to consume
         self.session = LiveSession(backend, model, config)
         self.producer = RecoveringProducer(producer_kwargs(settings), stats=self.stats,
                                            on_ack=lambda seq, _meta: self._acks.put(seq))
@@ -139,8 +147,7 @@ class KafkaRunner:
         """One iteration: fetch, validate, submit, drive the session, publish, settle acks, commit."""
         frames_tps = [tp for tp in self.consumer.assignment() if tp.topic == self.settings.topics.frames]
         if self.overload == "pause" and frames_tps:
-            full = len(self._backlog) >= self.session.config.queue_capacity
-            (self.consumer.pause if full else self.consumer.resume)(*frames_tps)
+            self._pause_or_resume(frames_tps, full=len(self._backlog) >= self.session.config.queue_capacity)
         batch = self.consumer.poll(timeout_ms=10 if self.session.streams() else 200)
         for records in batch.values():
             for record in records:
@@ -151,7 +158,71 @@ class KafkaRunner:
             self._publish(out)
         settled = self._settle_acks()
         self._maybe_commit()
+        self._update_lag()
         return bool(batch or outputs or settled)
+
+    def stats_snapshot(self) -> StatsSnapshot:
+        """The runner's metrics merged with its session's (still meaningful after `close()`)."""
+        return merge([self.stats.snapshot(), self.session.stats_snapshot()])
+
+    def _update_lag(self) -> None:
+        """`masklet_kafka_consumer_lag`: frames not yet done, summed over our frames partitions.
+
+        Per partition: the high watermark minus the lowest offset not yet done (the position the
+        next commit would store; frames fetched but still in the backlog or the session count as
+        lag), or the consumer's fetch position where nothing was consumed there yet. The high
+        watermark is `consumer.highwater(tp)`, the one carried by fetch responses: Tansu answers ListOffsets
+        wrongly (measured: `end_offsets()` gave 1 for a partition holding 50 records, while
+        `highwater()` gave 50, then 60 after 10 more), so `end_offsets()`/`offsets_for_times()` are
+        not used. A partition with no fetch response yet (highwater None) is left out; a paused
+        partition keeps the highwater of its last fetch, so the gauge can only under-read then.
+        """
+        frames = self.settings.topics.frames
+        open_positions = self.book.positions()
+        lag = 0
+        for tp in self.consumer.assignment():
+            if tp.topic != frames:
+                continue
+            high = self.consumer.highwater(tp)
+            if high is None:
+                continue
+            pos = open_positions.get((tp.topic, tp.partition))
+            if pos is None:
+                pos = self._fetch_position(tp)
+                if pos is None:
+                    continue
+            lag += max(0, high - pos)
+        self.stats.set("masklet_kafka_consumer_lag", lag)
+
+    def _pause_or_resume(self, frames_tps: list, full: bool) -> None:
+        if full and not self._paused:
+            self.consumer.pause(*frames_tps)
+            self._paused = True
+        elif not full and self._paused:
+            self.consumer.resume(*frames_tps)
+            self._paused = False
+            # Measured on Tansu: after a pause/resume kafka-python sometimes kept the position but
+            # never fetched again (4 of 40 frames, then nothing for 40 s). Seeking to the next
+            # unconsumed offset resets the partition's fetch state; records fetched while paused
+            # were discarded by kafka-python, so nothing is skipped or read twice.
+            for tp in frames_tps:
+                if tp in self._next_offset:
+                    self.consumer.seek(tp, self._next_offset[tp])
+
+    def _fetch_position(self, tp: TopicPartition) -> Optional[int]:
+        """The consumer's position in `tp` as last resolved, read without side effects.
+
+        Not `consumer.position(tp)`: in kafka-python 3.0.12 that call also drives committed-offset
+        refresh, offset reset and leader-epoch validation for every assigned partition and can
+        block on the coordinator (its `timeout_ms` also bounds tasks it leaves cached for `poll`);
+        this runs after every poll. A kafka-python without this state gives None, and the
+        partition is left out of the lag."""
+        try:
+            position = self.consumer._subscription.position(tp)  # noqa: SLF001
+        except Exception:  # noqa: BLE001 - unassigned meanwhile, or another kafka-python layout
+            return None
+        offset = getattr(position, "offset", position)
+        return offset if isinstance(offset, int) else None
 
     # -- input ------------------------------------------------------------------------------
 
@@ -159,9 +230,11 @@ class KafkaRunner:
         tp = (record.topic, record.partition)
         self.book.consumed(tp, record.offset)
         if record.topic == self.settings.topics.frames:
+            self._next_offset[TopicPartition(record.topic, record.partition)] = record.offset + 1
             self.report.frames += 1
             frame = self.gate.frame(record)
             if frame is None or not self._open(frame, record):
+                self._refused_frame()
                 self._dead_lettered(tp, record.offset)
                 return
             if self.overload == "pause":
@@ -204,6 +277,7 @@ class KafkaRunner:
                                      source_topic=frame.topic, payload=b"", key=frame.stream_id.encode(),
                                      partition=frame.partition, offset=frame.offset)
             self.stats.inc("masklet_frames_dropped_total", reason="bad_frame_headers")
+            self._refused_frame()
             self._dead_lettered((frame.topic, frame.partition), frame.offset)
 
     def _feed_backlog(self) -> None:
@@ -217,6 +291,11 @@ class KafkaRunner:
             else:
                 self._submit(frame)
         self._backlog = kept
+
+    def _refused_frame(self) -> None:
+        """A frame dead-lettered before the session took it (which counts the frames it takes):
+        count it in here; whoever refused it counted the drop, with the dead-letter reason."""
+        self.stats.inc("masklet_frames_in_total", source_type="kafka")
 
     def _reject(self, rejected: Rejected, record: Any) -> None:
         self.deadletters.publish(rejected, source_topic=record.topic, payload=record.value, key=record.key,
@@ -298,6 +377,9 @@ class _Listener(ConsumerRebalanceListener):
         self.runner._settle_acks()
         self.runner._maybe_commit(force=True)
         self.runner.book.forget([(tp.topic, tp.partition) for tp in revoked])
+        for tp in revoked:
+            self.runner._next_offset.pop(tp, None)
+        self.runner._paused = False  # a new assignment starts unpaused
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         pass
