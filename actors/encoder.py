@@ -1,6 +1,7 @@
 """The encoder actor: one model copy, one forward pass per batch of frames from any streams."""
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter
 from typing import Any
@@ -8,8 +9,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.common import EmbeddingPayload, ModelSpec, actor_pid, limit_threads
+from actors.common import EmbeddingPayload, ModelSpec, actor_pid, in_actor_process, limit_threads
 from monitoring.stats import Stats
+
+
+def _usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -26,7 +34,9 @@ class EncoderActor:
     """
 
     def __init__(self, spec: ModelSpec, num_threads: int | None = None, to_numpy: bool = True) -> None:
-        limit_threads(num_threads)
+        # Ray exports OMP_NUM_THREADS=1 to every worker with num_cpus=0, so "no cap" (None) would
+        # silently mean one thread: in an actor process, None means every core this process may use.
+        limit_threads(num_threads or (_usable_cores() if in_actor_process() else None))
         self.spec = spec
         self.model = spec.build()
         self.to_numpy = to_numpy

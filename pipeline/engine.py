@@ -152,7 +152,8 @@ class Engine:
         if self.encoder is None:
             self.encoder = self.backend.spawn(
                 "encoder", EncoderActor, self.model, self._threads(self.config.encoder_threads),
-                options=ActorOptions(num_cpus=0, num_gpus=self.config.encoder_gpus))
+                # passive OpenMP waits: spinning at barriers while trackers hold a core wasted CPU
+                options=ActorOptions(num_cpus=0, num_gpus=self.config.encoder_gpus, env=(("OMP_WAIT_POLICY", "PASSIVE"),)))
         return self.encoder
 
     def run(self, streams: list[StreamSpec]) -> RunReport:
@@ -188,19 +189,22 @@ class Engine:
                 self._submit("read", s, self.backend.call(s.decoder, "read", n))
         now = self.clock()
         flush = not any(s.reading for s in self.streams.values())
-        live = [(g, j, f) for g, j, f in self.encode_batches if g == self.encoder.generation]
-        while len(live) < self.config.encoder_queue_depth:
+        while self._encoder_room():
             batch = self.batcher.next_batch(now, flush=flush)
             if batch is None:
                 break
             batch = [job for job in batch if self.streams[job[0]].state == "running"]
             if batch:
-                live.append(self._submit_encode(batch))
+                self._submit_encode(batch)
         for s in self.streams.values():
             if s.state == "running":
                 self._run_commands(s, s.ctrl.schedule())
                 if s.ctrl.done and not any(p.stream is s for p in self.pending.values()):
                     self._close_stream(s)
+
+    def _encoder_room(self) -> bool:
+        live = sum(1 for g, _, _ in self.encode_batches if g == self.encoder.generation)
+        return live < self.config.encoder_queue_depth
 
     def _submit(self, kind: str, stream: _Stream | None, future: Any, payload: Any = None, generation: int = 0) -> Any:
         self.pending[future] = _Pending(kind, stream, payload, generation)
@@ -264,7 +268,8 @@ class Engine:
                 return
             time.sleep(max(0.0, deadline - self.clock()))
             return
-        deadline = self.batcher.deadline()
+        # the batch deadline matters only while the encoder can take a batch (else: a busy loop)
+        deadline = self.batcher.deadline() if self._encoder_room() else None
         timeout = None if deadline is None else max(0.0, deadline - self.clock())
         ready, _ = self.backend.wait(list(self.pending), timeout)
         for future in ready:
