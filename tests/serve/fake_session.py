@@ -6,38 +6,16 @@ tests can see exactly where the overlay must be coloured.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
 
 from monitoring.stats import Stats
-from pipeline.live import PromptRejected
+from pipeline.live import LiveOutput, PromptRejected, StreamStatus
 from pipeline.messages import MaskletRecord, ObjectMask, PromptMessage
 from pipeline.rle import encode_mask, mask_bbox
 
 DISC_RADIUS = 12
-
-
-@dataclass(frozen=True)
-class LiveOutput:
-    record: MaskletRecord
-    rgb: np.ndarray
-    masks: dict
-    tokens: tuple = ()
-
-
-@dataclass(frozen=True)
-class StreamStatus:
-    stream_id: str
-    width: int
-    height: int
-    frames_in: int
-    frames_published: int
-    frames_dropped: int
-    fps: float
-    lag_frames: int
-    objects: dict
 
 
 class FakeLiveSession:
