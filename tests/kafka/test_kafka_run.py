@@ -187,13 +187,15 @@ def test_crash_and_resume_gives_every_frame_a_record(kafka_settings, consume_rec
         publish_frames(kafka_settings, "cups", frames, 0, 4)
         assert len(consume_records(kafka_settings, kafka_settings.topics.masklets, 1, 60)) >= 1
         prompt(kafka_settings, "cups", 6, (w / 4, h / 4, w / 2, h / 2))  # an object makes each frame slow
-        publish_frames(kafka_settings, "cups", frames, 4, 40)
+        # Only half the stream exists before the kill, so the kill is mid-stream however fast the run is.
+        publish_frames(kafka_settings, "cups", frames, 4, 20)
         assert len(consume_records(kafka_settings, kafka_settings.topics.masklets, 10, 60)) >= 10
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait(30)
     seen = {r.frame_idx for r in records_of(consume_records, kafka_settings, 40, 2)}
     assert len(seen) < 40, "the run finished before the kill; the test needs it mid-stream"
+    publish_frames(kafka_settings, "cups", frames, 20, 40)
 
     # The restart runs on the CLI's default Ray backend: actors in their own processes.
     second = _run_cli(kafka_settings, "crash", backend="ray")
