@@ -141,6 +141,16 @@ class _LocalActor:
     alive: bool = True
 
 
+def retire_actor(backend: Backend, actor: ActorHandle) -> Any:
+    """Read an actor's last stats snapshot (None if it is already dead), then kill it."""
+    try:
+        snapshot = backend.get(backend.call(actor, "stats_snapshot"))
+    except (ActorDiedError, ActorCallError):
+        snapshot = None
+    backend.kill(actor)
+    return snapshot
+
+
 class InProcessBackend(Backend):
     """Runs every actor as an object in this process; `kill` makes later calls fail like a dead actor."""
 

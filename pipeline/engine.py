@@ -26,7 +26,7 @@ from actors.publisher import PublisherActor
 from actors.tracker import TrackerActor
 from model.types import Prompt
 from monitoring.stats import Stats, StatsSnapshot, merge
-from pipeline.backend import ActorCallError, ActorDiedError, ActorHandle, ActorOptions, Backend
+from pipeline.backend import ActorCallError, ActorDiedError, ActorHandle, ActorOptions, Backend, retire_actor
 from pipeline.batching import DynamicBatcher, OverflowPolicy
 from pipeline.controller import (CreateTracker, Publish, Snapshot, StartBackward, Step, StreamController,
                                  StreamError)
@@ -437,13 +437,8 @@ class Engine:
         for f in [f for f, q in self.pending.items() if q.stream is s]:
             del self.pending[f]
         for actor in [s.decoder, s.publisher, *s.trackers.values()]:
-            if actor is None:
-                continue
-            try:
-                self.snapshots.append(self.backend.get(self.backend.call(actor, "stats_snapshot")))
-            except (ActorDiedError, ActorCallError):
-                pass
-            self.backend.kill(actor)
+            if actor is not None and (snapshot := retire_actor(self.backend, actor)) is not None:
+                self.snapshots.append(snapshot)
 
     def _event(self, kind: str, s: _Stream | None, message: str) -> None:
         event = EngineEvent(kind, None if s is None else s.spec.stream_id, message)

@@ -50,7 +50,7 @@ from actors.publisher import build_record
 from actors.tracker import TrackerActor
 from model.types import Prompt
 from monitoring.stats import Stats, StatsSnapshot, merge
-from pipeline.backend import ActorCallError, ActorDiedError, ActorHandle, ActorOptions, Backend
+from pipeline.backend import ActorCallError, ActorDiedError, ActorHandle, ActorOptions, Backend, retire_actor
 from pipeline.batching import DynamicBatcher
 from pipeline.live_state import Incarnation, LiveFrame, LiveStream
 from pipeline.messages import MaskletRecord, PromptMessage
@@ -385,13 +385,8 @@ class LiveSession:
 
     def _retire(self, s: _Stream, key: tuple[int, int]) -> None:
         actor = s.trackers.pop(key, None)
-        if actor is None:
-            return
-        try:
-            self._retired_stats.append(self.backend.get(self.backend.call(actor, "stats_snapshot")))
-        except (ActorDiedError, ActorCallError):
-            pass
-        self.backend.kill(actor)
+        if actor is not None and (snapshot := retire_actor(self.backend, actor)) is not None:
+            self._retired_stats.append(snapshot)
 
     def _spawn_tracker(self, s: _Stream, key: tuple[int, int], snapshot: Any = None) -> ActorHandle:
         st = s.state
