@@ -17,7 +17,7 @@ TORCH_REQUIREMENT ?= $(if $(TORCH_WHEEL),$(TORCH_WHEEL),torch==$(TORCH_VERSION))
 MASKLET_TEST_VIDEOS ?= $(abspath ../shared/videos)
 export MASKLET_TEST_VIDEOS
 
-.PHONY: venv test demo bench clean-venv
+.PHONY: venv test demo bench bench-gpu clean-venv
 
 venv: $(STAMP)
 
@@ -37,12 +37,17 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(VENV_PY) -m pipeline.demo
 
+# CPU benchmarks; gpu_bench.py needs a GPU (`make bench-gpu`).
 bench: $(STAMP)
-	@set -e; for script in bench/*.py; do \
+	@set -e; for script in bench/*_bench.py; do \
 		[ -e "$$script" ] || { echo "no benchmarks in bench/"; break; }; \
+		[ "$$script" = bench/gpu_bench.py ] && continue; \
 		echo "== $$script"; \
 		$(VENV_PY) "$$script"; \
 	done
 
 clean-venv:
 	rm -rf $(VENV)
+
+bench-gpu: $(STAMP)
+	$(VENV_PY) bench/gpu_bench.py

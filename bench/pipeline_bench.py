@@ -6,8 +6,10 @@
    engine (masklets.jsonl sink) vs a loop doing decode -> encode -> track -> RLE record per frame.
    Prints the efficiency ratio (pipeline frames/s / loop frames/s; goal >= 0.9 on CPU) and the
    encoder batch sizes actually run.
-2. One long synthetic stream: peak RSS of the driver plus every Ray worker, sampled while it runs;
-   flat means the last quarter's peak is within a few percent of the first quarter's.
+2. One long synthetic stream: memory of the driver plus the whole local Ray session, sampled while it
+   runs, as PSS (shared pages split among the processes mapping them; summed RSS would count torch's
+   libraries and object-store pages once per worker). Flat: the last quarter's peak is within 5% of the
+   second quarter's (the first quarter is warm-up). Per-role peaks show where any growth lives.
 Writes bench/results/pipeline_bench.json, with the machine described.
 """
 from __future__ import annotations
@@ -18,7 +20,6 @@ import json
 import os
 import platform
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from model.types import Prompt  # noqa: E402
 from pipeline.backend import RayBackend  # noqa: E402
 from pipeline.engine import Engine, EngineConfig, StreamSpec  # noqa: E402
 from pipeline.sources import open_source  # noqa: E402
+from memory_probe import MemorySampler  # noqa: E402
 
 
 class JsonlOnly:
@@ -123,54 +125,22 @@ def pipeline_run(spec: ModelSpec, streams, config: EngineConfig, out: Path, back
             "batch_sizes": {str(k): v for k, v in sorted(report.batch_sizes.items())}}
 
 
-def _rss_bytes(pid: str) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def rss_total() -> int:
-    """RSS of this process plus every Ray worker (Linux /proc; psutil is not a dependency)."""
-    total = _rss_bytes(str(os.getpid()))
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and entry.name != str(os.getpid()):
-            try:
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if cmdline.startswith(b"ray::"):
-                total += _rss_bytes(entry.name)
-    return total
-
-
 def rss_run(spec: ModelSpec, frames: int, config: EngineConfig, out: Path, backend) -> dict:
-    samples: list[tuple[float, int]] = []
-    stop = threading.Event()
+    """One long stream; memory of the whole Ray session sampled while it runs (see memory_probe)."""
+    done = {"frames": 0}
 
-    def sample():
-        while not stop.is_set():
-            samples.append((time.perf_counter(), rss_total()))
-            stop.wait(1.0)
+    def progress(outcome):
+        done["frames"] = outcome.frames_published
 
-    thread = threading.Thread(target=sample, daemon=True)
-    thread.start()
     stream = StreamSpec("long", functools.partial(SyntheticSource, frames),
                         {1: {0: Prompt(points=[[160, 120]], labels=[1])}}, JsonlOnly(str(out)))
-    engine = Engine(backend, spec, config)
+    engine = Engine(backend, spec, config, on_progress=progress)
     start = time.perf_counter()
-    report = engine.run([stream])
-    stop.set()
-    thread.join()
+    with MemorySampler(lambda: done["frames"]) as sampler:
+        report = engine.run([stream])
     engine.shutdown()
-    values = [v for _, v in samples]
-    quarter = max(1, len(values) // 4)
     return {"frames": report.streams["long"].frames_published, "wall_s": time.perf_counter() - start,
-            "peak_rss_mb": max(values) / 2**20, "first_quarter_peak_mb": max(values[:quarter]) / 2**20,
-            "last_quarter_peak_mb": max(values[-quarter:]) / 2**20, "samples": len(values)}
+            **sampler.summary(frames)}
 
 
 def machine() -> dict:
@@ -188,7 +158,7 @@ def machine() -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frames", type=int, default=60)
+    parser.add_argument("--frames", type=int, default=60, help="frames per input for the throughput run; 0 skips it")
     parser.add_argument("--rss-frames", type=int, default=2000)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--model", default="sam2.1_hiera_tiny")
@@ -201,26 +171,35 @@ def main() -> None:
                           encoder_gpus=0.5 if device == "cuda" else 0.0, tracker_gpus=0.01 if device == "cuda" else 0.0)
     streams = inputs(args.frames)
     print(f"machine: {machine()}")
-    loop_s, loop_frames = plain_loop(spec, streams)
-    loop_fps = loop_frames / loop_s
-    print(f"plain loop: {loop_frames} frames in {loop_s:.1f}s = {loop_fps:.2f} frames/s")
     backend = RayBackend(init_kwargs={"num_cpus": os.cpu_count()})
     import tempfile
 
     scratch = Path(tempfile.mkdtemp(prefix="masklet-bench-"))
-    pipe = pipeline_run(spec, streams, config, scratch, backend)
-    ratio = pipe["fps"] / loop_fps
-    print(f"pipeline:   {pipe['frames']} frames in {pipe['wall_s']:.1f}s = {pipe['fps']:.2f} frames/s")
-    print(f"efficiency ratio (pipeline / loop): {ratio:.2f} (goal >= 0.9 on CPU)")
-    print(f"encoder batch sizes (size: count): {pipe['batch_sizes']}")
+    loop = pipe = ratio = None
+    if args.frames:
+        loop_s, loop_frames = plain_loop(spec, streams)
+        loop = {"frames": loop_frames, "wall_s": loop_s, "fps": loop_frames / loop_s}
+        print(f"plain loop: {loop_frames} frames in {loop_s:.1f}s = {loop['fps']:.2f} frames/s")
+        pipe = pipeline_run(spec, streams, config, scratch, backend)
+        ratio = pipe["fps"] / loop["fps"]
+        print(f"pipeline:   {pipe['frames']} frames in {pipe['wall_s']:.1f}s = {pipe['fps']:.2f} frames/s")
+        print(f"efficiency ratio (pipeline / loop): {ratio:.2f} (goal >= 0.9 on CPU)")
+        print(f"encoder batch sizes (size: count): {pipe['batch_sizes']}")
     rss = rss_run(spec, args.rss_frames, config, scratch, backend) if args.rss_frames else None
     if rss:
-        print(f"RSS over {rss['frames']} frames: peak {rss['peak_rss_mb']:.0f} MB; first quarter peak "
-              f"{rss['first_quarter_peak_mb']:.0f} MB, last quarter peak {rss['last_quarter_peak_mb']:.0f} MB")
+        print(f"memory over {rss['frames']} frames (PSS of driver + Ray session, MB): second-quarter peak "
+              f"{rss['second_quarter_peak_total_pss_mb']:.0f}, last-quarter peak {rss['last_quarter_peak_total_pss_mb']:.0f} "
+              f"({rss['pss_growth_last_vs_second_quarter']:+.1%}; flat: {rss['flat']}); summed RSS, which counts "
+              f"shared pages once per process: {rss['second_quarter_peak_total_rss_mb']:.0f} -> "
+              f"{rss['last_quarter_peak_total_rss_mb']:.0f}")
+        for role, r in rss["per_role"].items():
+            print(f"  {role:>16} (x{r['second_quarter_peak_processes']:.0f} -> x{r['last_quarter_peak_processes']:.0f}): "
+                  f"PSS {r['second_quarter_peak_pss_mb']:6.0f} -> {r['last_quarter_peak_pss_mb']:6.0f} MB, "
+                  f"private heap {r['second_quarter_peak_anon_mb']:6.0f} -> {r['last_quarter_peak_anon_mb']:6.0f} MB")
     backend.shutdown()
     result = {"machine": machine(), "model": args.model, "image_size": args.image_size, "device": device,
               "inputs": [s[0] for s in streams], "frames_per_input": args.frames,
-              "loop": {"frames": loop_frames, "wall_s": loop_s, "fps": loop_fps}, "pipeline": pipe,
+              "loop": loop, "pipeline": pipe,
               "efficiency_ratio": ratio, "rss": rss}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "pipeline_bench.json").write_text(json.dumps(result, indent=2))

@@ -42,7 +42,6 @@ class ModelSettings(_Section):
     checkpoint: str = Field("auto", description='"auto" (download official weights), "random", or a file path')
     image_size: int = Field(1024, ge=64, le=4096)
     device: str = Field("auto", description='"auto", "cpu", "cuda" or "cuda:N"')
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     @field_validator("name")
     @classmethod

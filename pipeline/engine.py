@@ -17,85 +17,21 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from actors.common import ModelSpec, StreamInfo
 from actors.decoder import DecoderActor
 from actors.encoder import EncoderActor
 from actors.publisher import PublisherActor
 from actors.tracker import TrackerActor
-from model.types import Prompt
 from monitoring.stats import Stats, StatsSnapshot, merge
 from pipeline.backend import ActorCallError, ActorDiedError, ActorHandle, ActorOptions, Backend, retire_actor
-from pipeline.batching import DynamicBatcher, OverflowPolicy
+from pipeline.batching import DynamicBatcher
 from pipeline.controller import (CreateTracker, Publish, Snapshot, StartBackward, Step, StreamController,
                                  StreamError)
+from pipeline.engine_types import EngineConfig, EngineEvent, RunReport, StreamOutcome, StreamSpec
 
-
-@dataclass(frozen=True)
-class EngineConfig:
-    max_batch_size: int = 4
-    max_wait_ms: float = 5.0
-    queue_capacity: int = 16          # per stream: frames in flight (WAIT) or queued for encoding
-    replay_frames: int = 64           # per stream: frames kept for tracker replay
-    snapshot_every: int = 30          # tracker snapshot interval, in steps
-    backward_delay: int = 0           # see StreamController; the real model needs max_obj_ptrs - 1
-    decode_chunk: int = 4
-    encoder_queue_depth: int = 2      # batches submitted ahead so the encoder never idles
-    encoder_threads: int | None = None
-    tracker_threads: int | None = 1
-    encoder_gpus: float = 0.0
-    tracker_gpus: float = 0.0
-    soft_masks: bool = False
-    max_encoder_restarts: int = 3
-    max_tracker_restarts: int = 8
-
-
-@dataclass(frozen=True)
-class StreamSpec:
-    stream_id: str
-    opener: Callable[[], Any]                       # -> FrameSource (pipeline.sources interface)
-    objects: Mapping[int, Mapping[int, Prompt]]     # object id -> {frame_idx: prompt}
-    sink_factory: Callable[[StreamInfo], list]      # runs inside the publisher actor
-    bidirectional: bool = True
-    policy: OverflowPolicy = OverflowPolicy.WAIT
-    source_type: str = "file"
-
-
-@dataclass(frozen=True)
-class EngineEvent:
-    kind: str            # stream_failed | sink_error | encoder_restarted | tracker_restarted | stream_done
-    stream_id: str | None
-    message: str
-
-
-@dataclass
-class StreamOutcome:
-    stream_id: str
-    frames_published: int = 0
-    frames_total: int | None = None
-    width: int = 0
-    height: int = 0
-    fps: float | None = None
-    objects: int = 0
-    error: str | None = None
-    sink_errors: list[str] = field(default_factory=list)
-    started: float = 0.0
-    finished: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        return self.error is None and not self.sink_errors
-
-
-@dataclass
-class RunReport:
-    streams: dict[str, StreamOutcome]
-    events: list[EngineEvent]
-    batch_sizes: Counter
-    stats: StatsSnapshot
-    encoder_restarts: int = 0
-    tracker_restarts: int = 0
+__all__ = ["Engine", "EngineConfig", "EngineEvent", "RunReport", "StreamOutcome", "StreamSpec"]
 
 
 @dataclass

@@ -8,13 +8,13 @@ from __future__ import annotations
 import argparse
 import functools
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from actors.common import ModelSpec, StreamInfo
+from actors.common import ModelSpec
 from model.types import Prompt
 from pipeline.engine import Engine, EngineConfig, EngineEvent, StreamOutcome, StreamSpec
+from pipeline.sinks import SegmentOutputs
 
 RANDOM_WEIGHTS_WARNING = (
     "WARNING: --checkpoint random: the model has RANDOM WEIGHTS. The masks are MEANINGLESS; "
@@ -41,27 +41,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--backend", default="ray", choices=("ray", "inprocess"), help=argparse.SUPPRESS)
     p.add_argument("--config", type=Path, help="YAML config (pipeline batching, queues, snapshots)")
     p.set_defaults(func=run_segment)
-
-
-@dataclass(frozen=True)
-class SegmentOutputs:
-    """Builds one input's sinks inside its publisher actor."""
-
-    out_dir: str
-    soft_masks: bool
-    preview: bool
-    banner: str | None = None
-
-    def __call__(self, info: StreamInfo) -> list:
-        from pipeline.sinks import AlphaMatteSink, JsonlSink, MaskVideoSink, PreviewSink
-
-        out = Path(self.out_dir)
-        fps = info.fps or 30.0
-        sinks = [JsonlSink(out / "masklets.jsonl"),
-                 (AlphaMatteSink if self.soft_masks else MaskVideoSink)(out, fps)]
-        if self.preview:
-            sinks.append(PreviewSink(out / "preview.mp4", fps, banner=self.banner))
-        return sinks
 
 
 def _usage_error(message: str) -> int:

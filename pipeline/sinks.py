@@ -12,7 +12,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import TYPE_CHECKING, Mapping, Optional
 
 import av
 import numpy as np
@@ -20,6 +20,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 from pipeline.messages import MaskletRecord
 from pipeline.rle import decode_rle
+
+if TYPE_CHECKING:
+    from actors.common import StreamInfo
 
 # Distinct, saturated colours; object ids index into this cyclically.
 PALETTE = np.array(
@@ -356,3 +359,25 @@ __all__ = [
     "AlphaMatteSink", "FrameOutput", "JsonlSink", "MaskVideoSink", "PreviewSink", "Sink", "SinkError",
     "draw_overlay", "logits_to_alpha", "object_colour", "read_jsonl_records",
 ]
+
+
+@dataclass(frozen=True)
+class SegmentOutputs:
+    """Builds one `masklet segment` input's sinks inside its publisher actor.
+
+    It lives here, not in pipeline.segment, because unpickling it imports its module in the publisher
+    process: pipeline.segment pulls in the engine and torch, which a publisher never needs."""
+
+    out_dir: str
+    soft_masks: bool
+    preview: bool
+    banner: str | None = None
+
+    def __call__(self, info: StreamInfo) -> list:
+        out = Path(self.out_dir)
+        fps = info.fps or 30.0
+        sinks = [JsonlSink(out / "masklets.jsonl"),
+                 (AlphaMatteSink if self.soft_masks else MaskVideoSink)(out, fps)]
+        if self.preview:
+            sinks.append(PreviewSink(out / "preview.mp4", fps, banner=self.banner))
+        return sinks

@@ -38,16 +38,19 @@ def _overrides(image_size: int) -> list[str]:
     ]
 
 
-def build_official_video_predictor(name: str, image_size: int, *, correct_as_cond: bool = False, seed: int = 0):
+def build_official_video_predictor(name: str, image_size: int, *, correct_as_cond: bool = False, seed: int = 0,
+                                   device: str = "cpu"):
     from sam2.build_sam import build_sam2_video_predictor
 
     torch.manual_seed(seed)
+    # Built and sharpened on the CPU (the sharpening draws from a CPU generator) so every device gets
+    # the same weights, then moved; the predictor computes on whatever device its parameters are on.
     predictor = build_sam2_video_predictor(CONFIG_FILES[name], ckpt_path=None, device="cpu",
                                            hydra_overrides_extra=_overrides(image_size))
-    predictor.fill_hole_area = 0  # its CUDA-only hole filler is skipped on CPU anyway
+    predictor.fill_hole_area = 0  # its hole filler is a CUDA-only extension (skipped on CPU); ours is off too
     predictor.add_all_frames_to_correct_as_cond = correct_as_cond
     sharpen_random_weights(predictor)
-    return predictor.eval()
+    return predictor.to(device).eval()
 
 
 @torch.no_grad()

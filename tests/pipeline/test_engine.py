@@ -200,3 +200,11 @@ def test_batcher_releases_when_full_or_timed_out():
         b.add(x, 1.0)
     assert b.next_batch(1.0) == ["b", "c", "d"]
     assert b.next_batch(1.0, flush=True) == ["e"]
+
+
+@pytest.mark.parametrize("overrides, field", [({"max_batch_size": 0}, "max_batch_size"),
+                                              ({"max_wait_ms": -1}, "max_wait_ms"),
+                                              ({"snapshot_every": 10, "replay_frames": 5}, "snapshot_every")])
+def test_engine_config_rejects_bad_values_naming_the_field(overrides, field):
+    with pytest.raises(ValueError, match=field):
+        EngineConfig(**overrides)

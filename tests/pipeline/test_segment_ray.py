@@ -22,7 +22,7 @@ from pipeline.backend import InProcessBackend, RayBackend
 from pipeline.cli import main
 from pipeline.engine import Engine, EngineConfig, StreamSpec
 from pipeline.rle import decode_rle
-from pipeline.segment import SegmentOutputs
+from pipeline.sinks import SegmentOutputs
 from pipeline.sinks import read_jsonl_records
 from pipeline.sources import open_source
 from tests.pipeline.fakes import fake_opener

@@ -143,3 +143,20 @@ def test_failures_are_reported_not_raised(tmp_path):
     assert "needs the frame's RGB" in preview.write(_frame(0, {})).reason
     assert preview.close() is None
     assert isinstance(MaskVideoSink(tmp_path, fps=0).open(), SinkError)
+
+
+def test_publisher_and_decoder_processes_never_import_torch(tmp_path):
+    """Unpickling a segment job's sink factory imports its module inside the publisher actor; torch there
+    costs each publisher ~1.5 CPU-seconds and ~150 MB for nothing."""
+    import pickle
+    import subprocess
+    import sys
+
+    from pipeline.sinks import SegmentOutputs
+
+    payload = pickle.dumps(SegmentOutputs(str(tmp_path), soft_masks=False, preview=True))
+    code = ("import pickle, sys; import actors.publisher, actors.decoder, pipeline.sources; "
+            f"factory = pickle.loads({payload!r}); "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -1,0 +1,91 @@
+"""The engine's configuration, its inputs (`StreamSpec`) and what it reports back (events, outcomes)."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping
+
+from actors.common import StreamInfo
+from model.types import Prompt
+from monitoring.stats import StatsSnapshot
+from pipeline.batching import OverflowPolicy
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_batch_size: int = 4           # frames per encoder forward pass, from any streams
+    max_wait_ms: float = 5.0          # how long a partial batch may wait for more frames
+    queue_capacity: int = 16          # per stream: frames in flight (WAIT) or queued for encoding
+    replay_frames: int = 64           # per stream: frames kept for tracker replay
+    snapshot_every: int = 30          # tracker snapshot interval, in steps (<= replay_frames)
+    backward_delay: int = 0           # see StreamController; the real model needs max_obj_ptrs - 1
+    decode_chunk: int = 4             # frames per decoder call: fewer round trips, same order
+    encoder_queue_depth: int = 2      # batches submitted ahead so the encoder never idles
+    encoder_threads: int | None = None  # None: every core the encoder process may use
+    tracker_threads: int | None = 1   # many trackers share few cores: one thread each
+    encoder_gpus: float = 0.0         # Ray GPU share of the encoder (fractions share one GPU)
+    tracker_gpus: float = 0.0         # Ray GPU share of each tracker actor
+    soft_masks: bool = False          # ship logits to the publisher for 8-bit alpha mattes
+    max_encoder_restarts: int = 3     # per run; beyond it the remaining streams fail
+    max_tracker_restarts: int = 8     # per run, all objects together
+
+    def __post_init__(self) -> None:
+        positive = ("max_batch_size", "queue_capacity", "replay_frames", "snapshot_every", "decode_chunk",
+                    "encoder_queue_depth")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"EngineConfig.{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_wait_ms", "backward_delay", "encoder_gpus", "tracker_gpus", "max_encoder_restarts",
+                     "max_tracker_restarts"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"EngineConfig.{name} must not be negative, got {getattr(self, name)}")
+        if self.snapshot_every > self.replay_frames:
+            raise ValueError(f"EngineConfig.snapshot_every ({self.snapshot_every}) must not exceed replay_frames "
+                             f"({self.replay_frames}): replay starts at the last snapshot")
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    stream_id: str
+    opener: Callable[[], Any]                       # -> FrameSource (pipeline.sources interface)
+    objects: Mapping[int, Mapping[int, Prompt]]     # object id -> {frame_idx: prompt}
+    sink_factory: Callable[[StreamInfo], list]      # runs inside the publisher actor
+    bidirectional: bool = True
+    policy: OverflowPolicy = OverflowPolicy.WAIT
+    source_type: str = "file"
+
+
+@dataclass(frozen=True)
+class EngineEvent:
+    kind: str            # stream_failed | sink_error | encoder_restarted | tracker_restarted | stream_done
+    stream_id: str | None
+    message: str
+
+
+@dataclass
+class StreamOutcome:
+    stream_id: str
+    frames_published: int = 0
+    frames_total: int | None = None
+    width: int = 0
+    height: int = 0
+    fps: float | None = None
+    objects: int = 0
+    error: str | None = None
+    sink_errors: list[str] = field(default_factory=list)
+    started: float = 0.0
+    finished: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and not self.sink_errors
+
+
+@dataclass
+class RunReport:
+    streams: dict[str, StreamOutcome]
+    events: list[EngineEvent]
+    batch_sizes: Counter
+    stats: StatsSnapshot
+    encoder_restarts: int = 0
+    tracker_restarts: int = 0
