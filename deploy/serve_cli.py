@@ -65,7 +65,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from deploy.serve_app import app
 
-    ray.init(include_dashboard=False, configure_logging=False)  # never expose the dashboard/job API
+    from pipeline.backend import init_ray
+
+    init_ray(include_dashboard=False, configure_logging=False)  # never expose the dashboard/job API
     serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
     serve.run(app(serve_options(args, token)), name="masklet", route_prefix="/")
     print(f"masklet serve: console and API on http://{settings.serve.host}:{settings.serve.port}/ "

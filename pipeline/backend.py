@@ -219,6 +219,28 @@ class InProcessBackend(Backend):
 # Ray: one named actor per handle; restarts are explicit so the engine decides what to replay.
 
 
+def init_ray(**kwargs: Any) -> None:
+    """`ray.init`, keeping a Ray session started by this process on loopback.
+
+    Ray binds its servers (GCS, raylet, workers, agents) to the node IP, which on Linux defaults to the
+    machine's outward address. For a single-node session Ray's own switch
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 makes the node IP 127.0.0.1, so nothing listens beyond the
+    machine. Joining a cluster (an `address`, or RAY_ADDRESS) is left alone, and so is an explicit
+    RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1, for a head node that other machines will join.
+    """
+    import ray
+
+    if kwargs.get("address") is None and not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        try:  # the constant is read when ray is imported; ray may already be imported here
+            from ray._private import ray_constants
+
+            ray_constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() in ("1", "true")
+        except (ImportError, AttributeError):  # another Ray version: the environment variable still applies
+            pass
+    ray.init(**kwargs)
+
+
 class RayBackend(Backend):
     """Ray actors. Starts a local Ray session when none is running (and stops it on shutdown)."""
 
@@ -230,7 +252,7 @@ class RayBackend(Backend):
         if not ray.is_initialized():
             kwargs = {"include_dashboard": False, "logging_level": "ERROR", "log_to_driver": False}
             kwargs.update(init_kwargs or {})
-            ray.init(**kwargs)
+            init_ray(**kwargs)
             self._started_ray = True
         # A per-run prefix keeps actor names unique when several engines share one Ray session.
         self._prefix = namespace or f"masklet-{os.getpid()}-{time.monotonic_ns() % 10**9}"

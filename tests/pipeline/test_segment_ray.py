@@ -35,7 +35,9 @@ DELAY = get_config(MODEL.name, image_size=IMAGE_SIZE).max_obj_ptrs_in_encoder - 
 
 @pytest.fixture(scope="module")
 def ray_session():
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    from pipeline.backend import init_ray
+
+    init_ray(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -93,3 +93,66 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, message: 
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out waiting for {message}")
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo.extend(children.get(pid, ()))
+    return found
+
+
+def _decode_address(hex_address: str) -> str:
+    import ipaddress
+
+    host = bytes.fromhex(hex_address.split(":")[0])
+    # /proc/net/tcp* print each 32-bit word in host (little-endian) order
+    words = b"".join(host[i:i + 4][::-1] for i in range(0, len(host), 4))
+    return str(ipaddress.ip_address(words))
+
+
+def listening_sockets_of_descendants(root: int) -> list[tuple[str, int, str]]:
+    """(address, pid, process name) for every TCP socket in LISTEN state owned by `root` or its descendants."""
+    owners: dict[str, int] = {}
+    for pid in _descendants(root):
+        try:
+            for fd in Path(f"/proc/{pid}/fd").iterdir():
+                try:
+                    target = fd.readlink().name
+                except OSError:
+                    continue
+                if target.startswith("socket:["):
+                    owners[target[8:-1]] = pid
+        except OSError:
+            continue
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in owners:  # 0A: LISTEN
+                pid = owners[fields[9]]
+                try:
+                    name = Path(f"/proc/{pid}/comm").read_text().strip()
+                except OSError:
+                    name = "?"
+                found.append((_decode_address(fields[1]), pid, name))
+    return found
+
+
+def is_loopback(address: str) -> bool:
+    import ipaddress
+
+    ip = ipaddress.ip_address(address)
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)

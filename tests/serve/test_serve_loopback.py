@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.serve.conftest import TOKEN, Client, free_port, wait_for
+import os
+
+from tests.serve.conftest import TOKEN, Client, free_port, is_loopback, listening_sockets_of_descendants, wait_for
 
 
 @pytest.fixture()
@@ -12,7 +14,9 @@ def ray_serve():
     from ray import serve
 
     # No dashboard (its job API has no auth); only this test's local cluster.
-    ray.init(include_dashboard=False, num_cpus=2, configure_logging=False, log_to_driver=False)
+    from pipeline.backend import init_ray
+
+    init_ray(include_dashboard=False, num_cpus=2, configure_logging=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
@@ -41,3 +45,25 @@ def test_serve_app_answers_on_loopback(ray_serve, clip):
     assert record["schema"] == "masklet/v1" and record["width"] == 96
     assert "masklet_frames_in_total" in client.get("/metrics").text
     assert client.delete("/streams/cam1").status_code == 204
+
+
+def test_every_server_of_the_ray_session_listens_on_loopback_only(ray_serve):
+    """Ray's GCS, raylet, workers and agents, and Serve's proxy: nothing reachable from another machine."""
+    from ray import serve
+
+    from deploy.serve_app import app
+
+    options = {"checkpoint": "random", "image_size": 256, "device": "cpu", "token": TOKEN, "max_batch_size": 2}
+    serve.run(app(options), name="masklet", route_prefix="/")
+    sockets = listening_sockets_of_descendants(os.getpid())
+    names = {name for _, _, name in sockets}
+    assert {"gcs_server", "raylet"} <= names, sockets  # the probe does see Ray's servers
+    exposed = [s for s in sockets if not is_loopback(s[0])]
+    # The one known exception: Ray Serve 2.60 starts an inter-deployment gRPC server in every replica
+    # on a hard-coded "[::]:0" (serve/_private/replica.py, no setting). What reaches it is our ASGI
+    # app, whose bearer-token check still applies; README "Status" names it.
+    serve_replica_grpc = [s for s in exposed if s[0] == "::" and s[2].startswith("ray::ServeRepli")]
+    assert len(serve_replica_grpc) <= 1, exposed
+    exposed = [s for s in exposed if s not in serve_replica_grpc]
+    assert not exposed, f"listening beyond loopback: {exposed}"
+
