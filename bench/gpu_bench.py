@@ -35,29 +35,19 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "model"), str(ROOT / "bench")]
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from actors.common import ModelSpec, StreamInfo  # noqa: E402
+from actors.common import ModelSpec  # noqa: E402
 from model.config import get_config  # noqa: E402
 from model.types import Prompt  # noqa: E402
 from oracle import build_official_video_predictor  # noqa: E402
 from pipeline.backend import RayBackend  # noqa: E402
 from pipeline.engine import Engine, EngineConfig, StreamSpec  # noqa: E402
+from pipeline.sinks import JsonlOutputs  # noqa: E402
 from pipeline.sources import open_source  # noqa: E402
 from pipeline_bench import machine as base_machine  # noqa: E402
 
 GPU_SETTINGS = {"inputs": 8, "frames": 60, "image_size": 1024, "model": "sam2.1_hiera_tiny"}
 SMOKE_HINT = "--device cpu --inputs 2 --frames 4 --image-size 256"
 
-
-class JsonlOnly:
-    """Sink factory (defined here, not imported, so Ray pickles it by value)."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __call__(self, info: StreamInfo):
-        from pipeline.sinks import JsonlSink
-
-        return [JsonlSink(Path(self.path) / info.stream_id / "masklets.jsonl")]
 
 
 def machine(device: str) -> dict:
@@ -122,7 +112,7 @@ def run_pipeline(spec: ModelSpec, config: EngineConfig, inputs, out: Path) -> di
         engine.start_encoder()
         backend.get(backend.call(engine.encoder, "pid"))  # model loaded before the clock starts
         specs = [StreamSpec(sid, functools.partial(open_source, str(clip), max_frames=n),
-                            {1: {0: Prompt(points=[list(centre)], labels=[1])}}, JsonlOnly(str(out)))
+                            {1: {0: Prompt(points=[list(centre)], labels=[1])}}, JsonlOutputs(str(out)))
                  for sid, clip, n, centre, _ in inputs]
         start = time.perf_counter()
         report = engine.run(specs)

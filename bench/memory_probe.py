@@ -14,6 +14,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from monitoring.processes import descendant_pids
+
 _KEYS = {"Rss:": "rss", "Pss:": "pss", "Anonymous:": "anon"}
 
 
@@ -40,31 +42,11 @@ def _memory_kb(pid: str) -> dict[str, int]:
     return out
 
 
-def _descendants(root: int) -> set[str]:
-    """This process and everything it started: a local Ray session's raylet, GCS and workers are its
-    children and grandchildren, so another Ray session on the same machine is not counted."""
-    children: dict[str, list[str]] = defaultdict(list)
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = (entry / "stat").read_text().rsplit(")", 1)[1].split()[1]
-            except (OSError, IndexError):
-                continue
-            children[ppid].append(entry.name)
-    found, todo = set(), [str(root)]
-    while todo:
-        pid = todo.pop()
-        if pid not in found:
-            found.add(pid)
-            todo.extend(children.get(pid, ()))
-    return found
-
-
 def sample() -> dict[str, dict[str, float]]:
     """Role -> {"pss_mb", "anon_mb", "rss_mb", "processes"} for the driver and the Ray session it started."""
     roles: dict[str, dict[str, float]] = defaultdict(lambda: {"pss_mb": 0.0, "anon_mb": 0.0, "rss_mb": 0.0, "processes": 0})
-    for pid in _descendants(os.getpid()):
-        entry = Path("/proc") / pid
+    for pid in descendant_pids(os.getpid()):
+        entry = Path("/proc") / str(pid)
         try:
             role = _role(entry.name, (entry / "cmdline").read_bytes())
             kb = _memory_kb(entry.name)

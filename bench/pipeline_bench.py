@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from actors.common import ModelSpec, StreamInfo  # noqa: E402
+from actors.common import ModelSpec  # noqa: E402
 from actors.publisher import build_record  # noqa: E402
 from actors.common import FrameMeta, TrackedMask  # noqa: E402
 from model import build_model  # noqa: E402
@@ -37,18 +37,10 @@ from model.config import get_config  # noqa: E402
 from model.types import Prompt  # noqa: E402
 from pipeline.backend import RayBackend  # noqa: E402
 from pipeline.engine import Engine, EngineConfig, StreamSpec  # noqa: E402
+from pipeline.sinks import JsonlOutputs  # noqa: E402
 from pipeline.sources import open_source  # noqa: E402
 from memory_probe import MemorySampler  # noqa: E402
 
-
-class JsonlOnly:
-    def __init__(self, path):
-        self.path = path
-
-    def __call__(self, info: StreamInfo):
-        from pipeline.sinks import JsonlSink
-
-        return [JsonlSink(Path(self.path) / info.stream_id / "masklets.jsonl")]
 
 
 class SyntheticSource:
@@ -113,7 +105,7 @@ def pipeline_run(spec: ModelSpec, streams, config: EngineConfig, out: Path, back
     engine = Engine(backend, spec, config, on_progress=progress)
     engine.start_encoder()
     backend.get(backend.call(engine.encoder, "pid"))  # model loaded before the clock starts
-    specs = [StreamSpec(sid, opener, {1: {0: Prompt(points=[[x, y]], labels=[1])}}, JsonlOnly(str(out)))
+    specs = [StreamSpec(sid, opener, {1: {0: Prompt(points=[[x, y]], labels=[1])}}, JsonlOutputs(str(out)))
              for sid, opener, (x, y) in streams]
     start = time.perf_counter()
     report = engine.run(specs)
@@ -133,7 +125,7 @@ def rss_run(spec: ModelSpec, frames: int, config: EngineConfig, out: Path, backe
         done["frames"] = outcome.frames_published
 
     stream = StreamSpec("long", functools.partial(SyntheticSource, frames),
-                        {1: {0: Prompt(points=[[160, 120]], labels=[1])}}, JsonlOnly(str(out)))
+                        {1: {0: Prompt(points=[[160, 120]], labels=[1])}}, JsonlOutputs(str(out)))
     engine = Engine(backend, spec, config, on_progress=progress)
     start = time.perf_counter()
     with MemorySampler(lambda: done["frames"]) as sampler:

@@ -28,6 +28,18 @@ DEFAULT_MAX_PIXELS = 4096 * 2160
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
+def require_bounds(config: Any, *, at_least_one: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
+    """For the engines' frozen config dataclasses: a ValueError naming `Class.field` for a count below
+    one or a negative amount."""
+    owner = type(config).__name__
+    for name in at_least_one:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{owner}.{name} must be at least 1, got {getattr(config, name)}")
+    for name in non_negative:
+        if getattr(config, name) < 0:
+            raise ValueError(f"{owner}.{name} must not be negative, got {getattr(config, name)}")
+
+
 class ConfigError(ValueError):
     """Configuration could not be read or is invalid; the message is ready to show to a user."""
 

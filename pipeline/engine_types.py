@@ -9,6 +9,7 @@ from actors.common import StreamInfo
 from model.types import Prompt
 from monitoring.stats import StatsSnapshot
 from pipeline.batching import OverflowPolicy
+from pipeline.config import require_bounds
 
 
 @dataclass(frozen=True)
@@ -30,15 +31,10 @@ class EngineConfig:
     max_tracker_restarts: int = 8     # per run, all objects together
 
     def __post_init__(self) -> None:
-        positive = ("max_batch_size", "queue_capacity", "replay_frames", "snapshot_every", "decode_chunk",
-                    "encoder_queue_depth")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"EngineConfig.{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_wait_ms", "backward_delay", "encoder_gpus", "tracker_gpus", "max_encoder_restarts",
-                     "max_tracker_restarts"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"EngineConfig.{name} must not be negative, got {getattr(self, name)}")
+        require_bounds(self, at_least_one=("max_batch_size", "queue_capacity", "replay_frames", "snapshot_every",
+                                           "decode_chunk", "encoder_queue_depth"),
+                       non_negative=("max_wait_ms", "backward_delay", "encoder_gpus", "tracker_gpus",
+                                     "max_encoder_restarts", "max_tracker_restarts"))
         if self.snapshot_every > self.replay_frames:
             raise ValueError(f"EngineConfig.snapshot_every ({self.snapshot_every}) must not exceed replay_frames "
                              f"({self.replay_frames}): replay starts at the last snapshot")

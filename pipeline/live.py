@@ -52,6 +52,7 @@ from model.types import Prompt
 from monitoring.stats import Stats, StatsSnapshot, merge
 from pipeline.backend import ActorCallError, ActorDiedError, ActorHandle, ActorOptions, Backend, retire_actor
 from pipeline.batching import DynamicBatcher
+from pipeline.config import require_bounds
 from pipeline.live_state import Incarnation, LiveFrame, LiveStream
 from pipeline.messages import MaskletRecord, PromptMessage
 from pipeline.rle import RleError, decode_rle
@@ -76,12 +77,9 @@ class LiveConfig:
     max_encoder_restarts: int = 3
 
     def __post_init__(self) -> None:
-        for name in ("max_batch_size", "queue_capacity", "ring_buffer_frames", "snapshot_every", "max_streams",
-                     "max_in_flight", "encoder_queue_depth"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        require_bounds(self, at_least_one=("max_batch_size", "queue_capacity", "ring_buffer_frames", "snapshot_every",
+                                           "max_streams", "max_in_flight", "encoder_queue_depth"),
+                       non_negative=("max_wait_ms",))
         if self.snapshot_every > self.ring_buffer_frames:
             raise ValueError(f"snapshot_every ({self.snapshot_every}) must not exceed ring_buffer_frames "
                              f"({self.ring_buffer_frames}), or a restarted tracker cannot replay to its snapshot")

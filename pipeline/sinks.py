@@ -357,7 +357,7 @@ def read_jsonl_records(path: Path) -> list[MaskletRecord]:
 
 __all__ = [
     "AlphaMatteSink", "FrameOutput", "JsonlSink", "MaskVideoSink", "PreviewSink", "Sink", "SinkError",
-    "draw_overlay", "logits_to_alpha", "object_colour", "read_jsonl_records",
+    "JsonlOutputs", "SegmentOutputs", "draw_overlay", "logits_to_alpha", "object_colour", "read_jsonl_records",
 ]
 
 
@@ -381,3 +381,14 @@ class SegmentOutputs:
         if self.preview:
             sinks.append(PreviewSink(out / "preview.mp4", fps, banner=self.banner))
         return sinks
+
+
+@dataclass(frozen=True)
+class JsonlOutputs:
+    """Sink factory for `masklets.jsonl` alone, under `root/<stream_id>/` (benchmarks: no video encoding)."""
+
+    root: str
+
+    def __call__(self, info: StreamInfo) -> list:
+        return [JsonlSink(Path(self.root) / info.stream_id / "masklets.jsonl")]
+

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import requests
 
+from monitoring.processes import descendant_pids
+
 TOKEN = "test-token-0123456789"
 
 
@@ -95,24 +97,6 @@ def wait_for(predicate, timeout: float = 30.0, interval: float = 0.05, message: 
     raise AssertionError(f"timed out waiting for {message}")
 
 
-def _descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = set(), [root]
-    while todo:
-        pid = todo.pop()
-        if pid not in found:
-            found.add(pid)
-            todo.extend(children.get(pid, ()))
-    return found
-
-
 def _decode_address(hex_address: str) -> str:
     import ipaddress
 
@@ -125,7 +109,7 @@ def _decode_address(hex_address: str) -> str:
 def listening_sockets_of_descendants(root: int) -> list[tuple[str, int, str]]:
     """(address, pid, process name) for every TCP socket in LISTEN state owned by `root` or its descendants."""
     owners: dict[str, int] = {}
-    for pid in _descendants(root):
+    for pid in descendant_pids(root):
         try:
             for fd in Path(f"/proc/{pid}/fd").iterdir():
                 try:
