@@ -12,7 +12,7 @@ const PALETTE = [[230, 25, 75], [60, 180, 75], [0, 130, 200], [255, 225, 25], [1
   [70, 240, 240], [245, 130, 48], [240, 50, 230], [210, 245, 60], [0, 128, 128]];
 
 const $ = (id) => document.getElementById(id);
-const state = { stream: null, frameIdx: null, selected: null, frameUrl: null, drag: null, busy: false };
+const state = { stream: null, frameIdx: null, frameShown: false, selected: null, drag: null, busy: false };
 
 function showStatus(text) { $("status").textContent = text || ""; }
 
@@ -69,6 +69,7 @@ function selectStream(id) {
   state.stream = id;
   state.selected = null;
   state.frameIdx = null;
+  state.frameShown = false;
   $("stream").value = id || "";
   $("objects").innerHTML = "";
 }
@@ -76,17 +77,28 @@ function selectStream(id) {
 // -- frames ---------------------------------------------------------------------------------
 
 async function refreshFrame() {
-  if (!state.stream) return;
-  const response = await api(`/streams/${encodeURIComponent(state.stream)}/frame.png`);
+  const stream = state.stream;
+  if (!stream) return;
+  const response = await api(`/streams/${encodeURIComponent(stream)}/frame.png`);
   if (response.status !== 200) { $("frame-info").textContent = "waiting for the first frame..."; return; }
-  const blob = await response.blob();
-  const url = URL.createObjectURL(blob);
-  const img = $("frame");
-  img.onload = () => { if (state.frameUrl && state.frameUrl !== url) URL.revokeObjectURL(state.frameUrl); state.frameUrl = url; };
-  img.src = url;
-  state.frameIdx = Number(response.headers.get("X-Frame-Index"));
-  img.dataset.frameIdx = String(state.frameIdx);
-  $("frame-info").textContent = `frame ${state.frameIdx}`;
+  const frameIdx = Number(response.headers.get("X-Frame-Index"));
+  if (state.frameShown && frameIdx === state.frameIdx) return;  // a frame's record never changes
+  // Decode off-screen, then draw in one step: the canvas always holds a whole frame, so its size
+  // (the video's size) is known at every click. An <img> whose src is swapped reports
+  // naturalWidth 0 until the new frame decodes, and a click in that window used to be lost.
+  const bitmap = await createImageBitmap(await response.blob());
+  if (stream !== state.stream) { bitmap.close(); return; }  // the user switched streams meanwhile
+  const canvas = $("frame");
+  if (canvas.width !== bitmap.width || canvas.height !== bitmap.height) {
+    canvas.width = bitmap.width;
+    canvas.height = bitmap.height;
+  }
+  canvas.getContext("2d").drawImage(bitmap, 0, 0);
+  bitmap.close();
+  state.frameIdx = frameIdx;
+  state.frameShown = true;
+  canvas.dataset.frameIdx = String(frameIdx);
+  $("frame-info").textContent = `frame ${frameIdx}`;
 }
 
 // -- objects --------------------------------------------------------------------------------
@@ -158,16 +170,16 @@ async function removeObject(objectId) {
 // -- pointer: click = point, shift+click = negative point, drag = box ----------------------------
 
 function videoCoords(event) {
-  const img = $("frame");
-  const rect = img.getBoundingClientRect();
-  const sx = img.naturalWidth / rect.width, sy = img.naturalHeight / rect.height;
+  const canvas = $("frame");
+  const rect = canvas.getBoundingClientRect();
+  const sx = canvas.width / rect.width, sy = canvas.height / rect.height;
   const cx = Math.min(Math.max(event.clientX - rect.left, 0), rect.width - 1);
   const cy = Math.min(Math.max(event.clientY - rect.top, 0), rect.height - 1);
   return { x: cx * sx, y: cy * sy, cx, cy };
 }
 
 function onPointerDown(event) {
-  if (!state.stream || !$("frame").naturalWidth) return;
+  if (!state.stream || !state.frameShown) return;
   event.preventDefault();
   state.drag = Object.assign(videoCoords(event), { shift: event.shiftKey });
 }

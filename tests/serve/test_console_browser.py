@@ -46,6 +46,19 @@ def browser(tmp_path):
         shutil.rmtree(tmp_path / "chromium-profile", ignore_errors=True)
 
 
+def shown_frame_width(browser, frame) -> int:
+    """Width of the video frame drawn on the console's canvas; 0 before the first one."""
+    return browser.execute_script("return arguments[0].dataset.frameIdx === undefined ? 0 : arguments[0].width", frame)
+
+
+def wait_for_prompts(browser, fake, count: int, what: str) -> None:
+    try:
+        wait_for(lambda: len(fake.prompts) == count, message=what)
+    except AssertionError as exc:  # say what the page showed, not only that nothing arrived
+        status = browser.execute_script("return document.getElementById('status').textContent")
+        raise AssertionError(f"{exc}; prompts so far {fake.prompts!r}; page status {status!r}") from None
+
+
 def test_click_on_the_frame_adds_an_object_whose_mask_shows_in_page_and_api(browser, clip):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
@@ -64,8 +77,7 @@ def test_click_on_the_frame_adds_an_object_whose_mask_shows_in_page_and_api(brow
             assert browser.execute_script("return sessionStorage.getItem('masklet-token')") == TOKEN
 
             frame = browser.find_element(By.ID, "frame")
-            wait_for(lambda: browser.execute_script("return arguments[0].naturalWidth", frame) == 96,
-                     timeout=60, message="live frame in the page")
+            wait_for(lambda: shown_frame_width(browser, frame) == 96, timeout=60, message="live frame in the page")
             # a plain click (no drag, no shift) is a positive point: the first one adds object 1
             ActionChains(browser).move_to_element_with_offset(frame, 10, 0).click().perform()
             # the list is re-rendered every second: read it with one script, never hold its elements
@@ -103,17 +115,25 @@ def test_shift_click_refines_with_a_negative_point_and_drag_draws_a_box(browser,
         browser.find_element(By.ID, "token").send_keys(TOKEN)
         browser.find_element(By.ID, "token-save").click()
         frame = browser.find_element(By.ID, "frame")
-        wait_for(lambda: browser.execute_script("return arguments[0].naturalWidth", frame) == 96, timeout=30,
-                 message="live frame")
+        wait_for(lambda: shown_frame_width(browser, frame) == 96, timeout=30, message="live frame")
+        # While frames are swapped (every 250 ms) the frame's size must never drop out: a click
+        # landing on a frame "between images" used to be dropped silently.
+        samples = browser.execute_async_script("""
+            const [canvas, done] = arguments, seen = [];
+            const sample = () => { seen.push([canvas.width, Number(canvas.dataset.frameIdx)]);
+                                   if (seen.length < 150) setTimeout(sample, 10); else done(seen); };
+            sample();""", frame)
+        assert {width for width, _ in samples} == {96}, samples
+        assert len({idx for _, idx in samples}) > 1, f"no new frame was drawn while sampling: {samples}"
         ActionChains(browser).move_to_element_with_offset(frame, -20, -10).click().perform()
-        wait_for(lambda: len(fake.prompts) == 1, message="add")
+        wait_for_prompts(browser, fake, 1, "add")
         ActionChains(browser).key_down(Keys.SHIFT).move_to_element_with_offset(frame, -20, -10).click() \
             .key_up(Keys.SHIFT).perform()
-        wait_for(lambda: len(fake.prompts) == 2, message="refine")
+        wait_for_prompts(browser, fake, 2, "refine")
         browser.find_element(By.ID, "new-object").click()
         ActionChains(browser).move_to_element_with_offset(frame, 5, 0).click_and_hold() \
             .move_by_offset(30, 20).release().perform()
-        wait_for(lambda: len(fake.prompts) == 3, message="box")
+        wait_for_prompts(browser, fake, 3, "box")
     add, refine, box = fake.prompts
     assert add.action == "add" and add.labels == [1] and add.object_id == 1
     assert refine.action == "refine" and refine.labels == [0] and refine.object_id == 1
