@@ -119,7 +119,7 @@ class _KafkaPath:
         from kafka import KafkaConsumer, TopicPartition
 
         from pipeline.backend import InProcessBackend
-        from pipeline.kafka.client import consumer_kwargs
+        from pipeline.kafka.client import consumer_kwargs, topic_partitions
         from pipeline.kafka.run import KafkaRunner
         from pipeline.live import LiveConfig
 
@@ -129,8 +129,10 @@ class _KafkaPath:
         self.stop = threading.Event()
         self.arrived: dict[tuple[str, int], tuple[float, int]] = {}
         self.consumer = KafkaConsumer(**consumer_kwargs(settings, group=False))
-        parts = [TopicPartition(settings.topics.masklets, p)
-                 for p in sorted(self.consumer.partitions_for_topic(settings.topics.masklets) or {0})]
+        ids = topic_partitions(self.consumer, settings.topics.masklets)
+        if not ids:
+            raise RuntimeError(f"topic {settings.topics.masklets} has no partitions")
+        parts = [TopicPartition(settings.topics.masklets, p) for p in ids]
         self.consumer.assign(parts)
         self.threads = [threading.Thread(target=self.runner.run, args=(self.stop.is_set,), daemon=True),
                         threading.Thread(target=self._read, daemon=True)]

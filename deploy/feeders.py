@@ -144,14 +144,14 @@ def kafka_frames(settings: KafkaSettings, kafka_stream: str, *, max_frames: Opti
     def frames(stop: threading.Event) -> Iterator[FeedFrame]:
         from kafka import KafkaConsumer, TopicPartition
 
-        from pipeline.kafka.client import consumer_kwargs
+        from pipeline.kafka.client import consumer_kwargs, topic_partitions
         from pipeline.kafka.codec import decode_frame
         from pipeline.kafka.deadletter import Rejected
 
         consumer = KafkaConsumer(**consumer_kwargs(settings, group=False))
         try:
             topic = settings.topics.frames
-            partitions = consumer.partitions_for_topic(topic) or set()
+            partitions = topic_partitions(consumer, topic, timeout_s=5.0)
             if not partitions:
                 raise RuntimeError(f"Kafka topic {topic!r} does not exist on {settings.bootstrap_servers}")
             consumer.assign([TopicPartition(topic, p) for p in sorted(partitions)])

@@ -130,9 +130,26 @@ class KafkaTopics(_Section):
         return topic
 
 
+class ResumeSettings(_Section):
+    """`masklet run`: objects survive a restart (see pipeline/kafka/resume.py)."""
+
+    # Re-add a stream's objects from its newest record in the masklets topic when the stream opens
+    # on this member (after a crash, a restart or a rebalance); off = every stream starts empty.
+    enabled: bool = True
+    # A record more than this many frames before the first new frame is too stale to seed from.
+    max_gap_frames: int = Field(90, ge=1)
+    # Offsets read per backward step from the high watermark of the stream's partition.
+    window: int = Field(256, ge=1)
+    # Stop looking after this many records: a stream with nothing recent starts empty.
+    scan_records: int = Field(20_000, ge=1)
+    # The scan runs inside the poll loop, so it must end well within max_poll_interval_ms.
+    timeout_s: float = Field(3.0, gt=0, le=30)
+
+
 class KafkaSettings(_Section):
     bootstrap_servers: str = "127.0.0.1:9092"
     topics: KafkaTopics = Field(default_factory=KafkaTopics)
+    resume: ResumeSettings = Field(default_factory=ResumeSettings)
     group_id: str = "masklet"
     client_id: str = "masklet"
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
@@ -173,6 +190,9 @@ class KafkaSettings(_Section):
             )
         if self.session_timeout_ms > self.max_poll_interval_ms:
             raise ValueError("session_timeout_ms must not exceed max_poll_interval_ms")
+        if self.resume.timeout_s * 1000 * 2 > self.max_poll_interval_ms:
+            raise ValueError(f"resume.timeout_s ({self.resume.timeout_s}) must be at most half of "
+                             f"max_poll_interval_ms ({self.max_poll_interval_ms} ms): the scan runs in the poll loop")
         if self.security_protocol.startswith("SASL_"):
             missing = [
                 name

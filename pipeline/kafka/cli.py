@@ -129,6 +129,8 @@ def run_run(args: argparse.Namespace) -> int:
         kafka = settings_from(args.bootstrap_servers, settings.kafka)
         if args.group_id:
             kafka = kafka.model_copy(update={"group_id": args.group_id})
+        if args.no_resume_objects:
+            kafka = kafka.model_copy(update={"resume": kafka.resume.model_copy(update={"enabled": False})})
         ps = settings.pipeline
         config = LiveConfig(max_batch_size=ps.max_batch_size, max_wait_ms=ps.max_wait_ms,
                             queue_capacity=args.queue_capacity, snapshot_every=ps.snapshot_every_n_frames,
@@ -211,6 +213,9 @@ def register(subparsers) -> None:
     run.add_argument("--queue-capacity", type=_positive_int, default=8, help="frames queued per stream")
     run.add_argument("--ring-buffer-frames", type=_positive_int, default=32, help="recent frames kept for late prompts")
     run.add_argument("--max-streams", type=_positive_int, default=16)
+    run.add_argument("--no-resume-objects", action="store_true",
+                     help="start every stream empty instead of re-adding the objects of its last record "
+                          "(after a crash, restart or rebalance)")
     run.add_argument("--idle-exit", type=float, metavar="S", help="exit after S seconds without input or work")
     run.add_argument("--backend", choices=("ray", "inprocess"), help=argparse.SUPPRESS)
     _connection_args(run)

@@ -127,11 +127,13 @@ def decode_frame(key: Optional[bytes], value: Optional[bytes], headers: Optional
     return stream_id, meta, rgb
 
 
-def parse_prompt(value: Optional[bytes], streams: Optional[Mapping[str, tuple[int, int]]] = None) -> PromptMessage:
+def parse_prompt(value: Optional[bytes], streams: Optional[Mapping[str, tuple[int, int]]] = None, *,
+                 unknown_stream_ok: bool = False) -> PromptMessage:
     """Validate a prompts-topic record; raises `Rejected`.
 
-    `streams` maps the stream ids seen so far to their (width, height); when given, prompts for
-    other streams are refused and coordinates must lie inside the frame.
+    `streams` maps the stream ids seen so far to their (width, height); when given, coordinates
+    must lie inside the frame, and prompts for other streams are refused unless
+    `unknown_stream_ok` (then their range is checked later with `check_prompt_range`).
     """
     data = value or b""
     if looks_like_pickle(data):
@@ -143,15 +145,15 @@ def parse_prompt(value: Optional[bytes], streams: Optional[Mapping[str, tuple[in
     except MessageError as exc:
         kind = "unknown_schema" if "unsupported schema" in str(exc) else "malformed_prompt"
         raise Rejected("unknown_schema" if kind == "unknown_schema" else "malformed_prompt", kind, str(exc)) from None
-    _check_prompt_range(prompt, streams)
+    if prompt.object_id > MAX_OBJECT_ID:
+        raise Rejected("malformed_prompt", "out_of_range", f"object_id {prompt.object_id} over {MAX_OBJECT_ID}")
+    if streams is not None and not (unknown_stream_ok and prompt.stream_id not in streams):
+        check_prompt_range(prompt, streams)
     return prompt
 
 
-def _check_prompt_range(prompt: PromptMessage, streams: Optional[Mapping[str, tuple[int, int]]]) -> None:
-    if prompt.object_id > MAX_OBJECT_ID:
-        raise Rejected("malformed_prompt", "out_of_range", f"object_id {prompt.object_id} over {MAX_OBJECT_ID}")
-    if streams is None:
-        return
+def check_prompt_range(prompt: PromptMessage, streams: Mapping[str, tuple[int, int]]) -> None:
+    """The prompt's stream is known and its coordinates lie inside that stream's frames."""
     if prompt.stream_id not in streams:
         raise Rejected("unknown_stream", "unknown_stream", f"no frames seen for stream {prompt.stream_id!r}")
     width, height = streams[prompt.stream_id]

@@ -3,7 +3,8 @@
 A record either comes out validated (decoded RGB frame, parsed prompt) or goes to the
 dead-letter topic with a reason, is counted, and the caller moves on to the next record; one
 bad message never stops a stream. The gate also learns each stream's frame size, which is what
-makes "unknown stream" and "out of range" decidable for prompts.
+makes "out of range" decidable for prompts. A prompt for a stream with no frame yet passes with
+its structure checked; the runner holds it and `recheck`s it once the stream's first frame is here.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from pipeline.kafka.codec import decode_frame, parse_prompt
+from pipeline.kafka.codec import check_prompt_range, decode_frame, parse_prompt
 from pipeline.kafka.deadletter import DeadLetterPublisher, Rejected
 from pipeline.messages import PromptMessage
 
@@ -54,10 +55,19 @@ class InputGate:
     def prompt(self, record: Any) -> Optional[PromptMessage]:
         """A ConsumerRecord from the prompts topic -> PromptMessage, or None if dead-lettered."""
         try:
-            return parse_prompt(record.value, self.stream_sizes)
+            return parse_prompt(record.value, self.stream_sizes, unknown_stream_ok=True)
         except Rejected as rejected:
             self._dead_letter(rejected, record)
             return None
+
+    def recheck(self, prompt: PromptMessage, record: Any) -> bool:
+        """A prompt that passed before its stream was known: inside the frame now? Else dead-lettered."""
+        try:
+            check_prompt_range(prompt, self.stream_sizes)
+        except Rejected as rejected:
+            self._dead_letter(rejected, record)
+            return False
+        return True
 
     def _dead_letter(self, rejected: Rejected, record: Any) -> None:
         self.deadletters.publish(rejected, source_topic=record.topic, payload=record.value, key=record.key,

@@ -36,48 +36,16 @@ from pipeline.config import DEFAULT_MAX_PIXELS, KafkaSettings
 from pipeline.kafka.client import consumer_kwargs, producer_kwargs
 from pipeline.kafka.deadletter import DeadLetterPublisher, Rejected
 from pipeline.kafka.gate import AcceptedFrame, InputGate
+from pipeline.kafka.offsets import TP, OffsetBook
 from pipeline.kafka.producer import RecoveringProducer
+from pipeline.kafka.resume import ObjectResumer, ResumeOutcome
 from pipeline.live import LiveConfig, LiveOutput, LiveSession, PromptRejected
 
 log = logging.getLogger(__name__)
 
-TP = tuple[str, int]
-
 # Session refusals -> the shared dead-letter reason codes (dashboards key on those).
 _PROMPT_REASONS = {"unknown_stream": "unknown_stream", "frame_too_old": "out_of_order",
                    "not_latest_frame": "out_of_order"}
-
-
-class OffsetBook:
-    """Per partition: which consumed offsets are not done yet; the commit position is the lowest
-    of those (or one past the highest consumed when all are done)."""
-
-    def __init__(self) -> None:
-        self._open: dict[TP, set[int]] = {}
-        self._next: dict[TP, int] = {}
-        self._committed: dict[TP, int] = {}
-
-    def consumed(self, tp: TP, offset: int) -> None:
-        self._open.setdefault(tp, set()).add(offset)
-        self._next[tp] = max(self._next.get(tp, 0), offset + 1)
-
-    def done(self, tp: TP, offset: int) -> None:
-        self._open.get(tp, set()).discard(offset)
-
-    def positions(self) -> dict[TP, int]:
-        return {tp: min(self._open[tp]) if self._open.get(tp) else nxt for tp, nxt in self._next.items()}
-
-    def to_commit(self) -> dict[TP, int]:
-        return {tp: pos for tp, pos in self.positions().items() if pos > self._committed.get(tp, -1)}
-
-    def committed(self, positions: dict[TP, int]) -> None:
-        self._committed.update(positions)
-
-    def forget(self, tps: list[TP]) -> None:
-        for tp in tps:
-            self._open.pop(tp, None)
-            self._next.pop(tp, None)
-            self._committed.pop(tp, None)
 
 
 @dataclass
@@ -89,10 +57,13 @@ class RunReport:
     dead_letters: int = 0
     commits: int = 0
     streams: set = field(default_factory=set)
+    resumed: list[ResumeOutcome] = field(default_factory=list)  # streams re-seeded from their last record
 
     def summary(self) -> str:
+        objects = sum(len(r.prompts) for r in self.resumed)
         return (f"frames={self.frames} prompts={self.prompts} records={self.records} acked={self.acked} "
-                f"dead_letters={self.dead_letters} commits={self.commits} streams={len(self.streams)}")
+                f"dead_letters={self.dead_letters} commits={self.commits} streams={len(self.streams)} "
+                f"resumed_objects={objects}")
 
 
 class KafkaRunner:
@@ -104,21 +75,25 @@ class KafkaRunner:
     def __init__(self, settings: KafkaSettings, backend: Backend, model: ModelSpec,
                  config: LiveConfig = LiveConfig(), *, overload: str = "drop", max_pixels: int = DEFAULT_MAX_PIXELS,
                  stats: Optional[Stats] = None, on_output: Optional[Callable[[LiveOutput], None]] = None,
-                 commit_interval_s: float = 0.2) -> None:
+                 commit_interval_s: float = 0.2, unknown_stream_hold_s: float = 30.0) -> None:
         if overload not in ("drop", "pause"):
             raise ValueError(f"overload must be 'drop' or 'pause', got {overload!r}")
         self.settings, self.overload, self.on_output = settings, overload, on_output
         self.commit_interval_s = commit_interval_s
+        self.unknown_stream_hold_s = unknown_stream_hold_s
         self.stats = stats or Stats()
         self.report = RunReport()
         self.book = OffsetBook()
         self._acks: "queue.Queue[int]" = queue.Queue()
         self._by_seq: dict[int, tuple[tuple, str, int]] = {}
         self._prompt_waits: dict[str, list[tuple[int, TP, int]]] = {}
+        # Prompts for a stream whose first frame has not arrived on this member yet (deadline, prompt, record)
+        self._held_prompts: dict[str, list[tuple[float, Any, Any]]] = {}
         self._backlog: deque[AcceptedFrame] = deque()
         self._paused = False
         self._next_offset: dict[TopicPartition, int] = {}  # frames partitions: next offset to consume
         self.session = LiveSession(backend, model, config)
+        self.resumer: Optional[ObjectResumer] = ObjectResumer(settings) if settings.resume.enabled else None
         self.producer = RecoveringProducer(producer_kwargs(settings), stats=self.stats,
                                            on_ack=lambda seq, _meta: self._acks.put(seq))
         self.deadletters = DeadLetterPublisher(self.producer, settings.topics.deadletter, self.stats)
@@ -157,6 +132,7 @@ class KafkaRunner:
         for out in outputs:
             self._publish(out)
         settled = self._settle_acks()
+        self._expire_held_prompts()
         self._maybe_commit()
         self._update_lag()
         return bool(batch or outputs or settled)
@@ -246,13 +222,34 @@ class KafkaRunner:
             prompt = self.gate.prompt(record)
             if prompt is None:
                 self._dead_lettered(tp, record.offset)
-                return
-            try:
-                self.session.submit_prompt(prompt)
-            except PromptRejected as exc:
-                self._reject(Rejected(_PROMPT_REASONS.get(exc.reason, "malformed_prompt"), exc.reason, str(exc)), record)
-                return
-            self._prompt_waits.setdefault(prompt.stream_id, []).append((prompt.frame_idx, tp, record.offset))
+            elif prompt.stream_id in self.session.streams():
+                self._submit_prompt(prompt, record)
+            else:
+                # Its stream's first frame may simply not be here yet: after a restart or a rebalance
+                # the prompts partition is often read first, and a replayed prompt must not be lost.
+                deadline = time.monotonic() + self.unknown_stream_hold_s
+                self._held_prompts.setdefault(prompt.stream_id, []).append((deadline, prompt, record))
+
+    def _submit_prompt(self, prompt: Any, record: Any) -> None:
+        try:
+            self.session.submit_prompt(prompt)
+        except PromptRejected as exc:
+            self._reject(Rejected(_PROMPT_REASONS.get(exc.reason, "malformed_prompt"), exc.reason, str(exc)), record)
+            return
+        self._prompt_waits.setdefault(prompt.stream_id, []).append((prompt.frame_idx, (record.topic, record.partition),
+                                                                    record.offset))
+
+    def _expire_held_prompts(self) -> None:
+        now = time.monotonic()
+        for stream_id in [sid for sid, held in self._held_prompts.items() if held[0][0] <= now]:
+            held = self._held_prompts.pop(stream_id)
+            for deadline, prompt, record in held:
+                if deadline > now:
+                    self._held_prompts.setdefault(stream_id, []).append((deadline, prompt, record))
+                    continue
+                self._reject(Rejected("unknown_stream", "unknown_stream",
+                                      f"no frame of stream {stream_id!r} arrived within {self.unknown_stream_hold_s:g} s "
+                                      f"of its prompt"), record)
 
     def _open(self, frame: AcceptedFrame, record: Any) -> bool:
         if frame.stream_id in self.session.streams():
@@ -266,7 +263,26 @@ class KafkaRunner:
             self.stats.inc("masklet_frames_dropped_total", reason="too_many_streams")
             return False
         self.report.streams.add(frame.stream_id)
+        if self.resumer is not None:
+            self._resume_objects(frame)
+        for _, prompt, held_record in self._held_prompts.pop(frame.stream_id, []):
+            if self.gate.recheck(prompt, held_record):  # after the resumed objects: the user's prompt wins
+                self._submit_prompt(prompt, held_record)
+            else:
+                self._dead_lettered((held_record.topic, held_record.partition), held_record.offset)
         return True
+
+    def _resume_objects(self, frame: AcceptedFrame) -> None:
+        """Re-add the objects of the stream's last record, as mask prompts held for this frame."""
+        outcome = self.resumer.plan(frame.stream_id, frame.frame_idx)
+        if outcome.source_frame_idx is None:
+            return
+        for prompt in outcome.prompts:
+            try:
+                self.session.submit_prompt(prompt)
+            except PromptRejected as exc:  # e.g. a mask of another size: the stream starts without it
+                log.warning("stream %s: object %d not resumed: %s", prompt.stream_id, prompt.object_id, exc)
+        self.report.resumed.append(outcome)
 
     def _submit(self, frame: AcceptedFrame, record: Any = None) -> None:
         try:
@@ -363,6 +379,8 @@ class KafkaRunner:
             log.warning("final flush/commit failed: %s", exc)
         finally:
             self.consumer.close()
+            if self.resumer is not None:
+                self.resumer.close()
             self.producer.close(timeout=5.0)
             self.session.shutdown()
 
@@ -377,6 +395,13 @@ class _Listener(ConsumerRebalanceListener):
         self.runner._settle_acks()
         self.runner._maybe_commit(force=True)
         self.runner.book.forget([(tp.topic, tp.partition) for tp in revoked])
+        gone = {(tp.topic, tp.partition) for tp in revoked}
+        for stream_id, held in list(self.runner._held_prompts.items()):  # their new owner reads them again
+            kept = [entry for entry in held if (entry[2].topic, entry[2].partition) not in gone]
+            if kept:
+                self.runner._held_prompts[stream_id] = kept
+            else:
+                del self.runner._held_prompts[stream_id]
         for tp in revoked:
             self.runner._next_offset.pop(tp, None)
         self.runner._paused = False  # a new assignment starts unpaused

@@ -9,7 +9,7 @@ from kafka import KafkaConsumer, TopicPartition
 
 from pipeline.config import KafkaSettings, KafkaTopics
 from pipeline.kafka.broker import EmbeddedBroker
-from pipeline.kafka.client import consumer_kwargs
+from pipeline.kafka.client import consumer_kwargs, topic_partitions
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,9 @@ def consume(settings: KafkaSettings, topic: str, expected: int, timeout_s: float
     costs seconds, and its end offsets are unreliable.
     """
     consumer = KafkaConsumer(**consumer_kwargs(settings, group=False))
-    partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or {0})]
+    ids = topic_partitions(consumer, topic, timeout_s)
+    assert ids, f"topic {topic} has no partitions in the broker's metadata after {timeout_s} s"
+    partitions = [TopicPartition(topic, p) for p in ids]
     consumer.assign(partitions)
     consumer.seek_to_beginning(*partitions)
     records, deadline = [], time.monotonic() + timeout_s

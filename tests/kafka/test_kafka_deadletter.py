@@ -91,7 +91,7 @@ def test_bad_prompts_are_dead_lettered(kafka_settings, consume_records, producer
     prompts = [
         b'{"schema": "prompt/v1", "stream_id": ',     # malformed JSON
         _prompt(points=[[W + 50, 10]]),               # outside the 160x120 frame
-        _prompt(stream_id="nobody"),                  # no such stream
+        _prompt(stream_id="nobody"),                  # no frame of it yet: passes, rechecked later
         pickle.dumps({"schema": "prompt/v1"}),        # pickle, never loaded
         _prompt(action="remove", points=[], labels=[]),  # valid
     ]
@@ -102,15 +102,19 @@ def test_bad_prompts_are_dead_lettered(kafka_settings, consume_records, producer
     gate = InputGate(DeadLetterPublisher(producer, topics.deadletter), max_pixels=1920 * 1080)
     [frame_record] = consume_records(kafka_settings, topics.frames, 1)
     assert gate.frame(frame_record) is not None  # the gate now knows stream "cam" is 160x120
-    results = [gate.prompt(r) for r in consume_records(kafka_settings, topics.prompts, len(prompts))]
+    records = consume_records(kafka_settings, topics.prompts, len(prompts))
+    results = [gate.prompt(r) for r in records]
+    assert results[2].stream_id == "nobody"  # the runner holds it until a frame of "nobody" arrives...
+    assert gate.recheck(results[2], records[2]) is False  # ...and one that never does is refused
+    assert gate.recheck(results[4], records[4]) is True
     assert producer.flush(15).complete
 
-    assert results[:4] == [None] * 4
+    assert [results[i] for i in (0, 1, 3)] == [None] * 3
     assert results[4].action == "remove" and results[4].object_id == 1
     letters = [DeadLetter.from_json_bytes(r.value) for r in consume_records(kafka_settings, topics.deadletter, 4)]
     assert [(letter.reason, letter.detail.split(":")[0]) for letter in letters] == [
         ("malformed_prompt", "malformed_prompt"),
         ("malformed_prompt", "out_of_range"),
-        ("unknown_stream", "unknown_stream"),
         ("malformed_prompt", "pickle_payload"),
+        ("unknown_stream", "unknown_stream"),  # refused on recheck, after the gate saw every prompt
     ]

@@ -63,8 +63,11 @@ class FakeTracker:
             h, w = self.video_size
             if prompt.points is not None:
                 x, y = prompt.points[0]
-            else:
+            elif prompt.box is not None:
                 x, y = (prompt.box[0] + prompt.box[2]) / 2, (prompt.box[1] + prompt.box[3]) / 2
+            else:  # a mask prompt: its centroid
+                ys, xs = np.nonzero(prompt.mask)
+                x, y = float(xs.mean()), float(ys.mean())
             gx, gy = min(int(x / w * g), g - 1), min(int(y / h * g), g - 1)
             self.target = colours[:, gy, gx].clone()
             if self.first_prompt_frame is None:
