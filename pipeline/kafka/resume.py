@@ -90,6 +90,15 @@ class NewestRecordFinder:
         if tp is None:
             return None, 0
         self.consumer.assign([tp])
+        try:
+            return self._newest_in(tp, key, frame_idx, deadline)
+        finally:
+            # Unassign, so that every lookup starts from fresh partition state: kafka-python keeps a
+            # partition's state (its last high watermark included) when it is assigned again.
+            self.consumer.assign([])
+
+    def _newest_in(self, tp: TopicPartition, key: bytes, frame_idx: int,
+                   deadline: float) -> tuple[Optional[MaskletRecord], int]:
         high = self._high_watermark(tp, deadline)
         if high is None:
             return None, 0

@@ -62,6 +62,9 @@ def test_finder_walks_back_past_other_streams_and_replayed_duplicates(kafka_sett
         assert finder.newest_before("cam", 0)[0] is None  # nothing before the first frame
         assert finder.newest_before("cam", 200)[0] is None  # too stale: 90 frames at most
         assert finder.newest_before("nobody", 10)[0] is None
+        # the same partition again, after more was published: the new high watermark is used
+        publish_records(settings, [record("cam", i) for i in range(30, 36)], partition)
+        assert finder.newest_before("cam", 36)[0].frame_idx == 35
     finally:
         finder.close()
 
