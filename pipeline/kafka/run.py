@@ -35,6 +35,7 @@ from pipeline.backend import Backend
 from pipeline.config import DEFAULT_MAX_PIXELS, KafkaSettings
 from pipeline.kafka.client import consumer_kwargs, producer_kwargs
 from pipeline.kafka.deadletter import DeadLetterPublisher, Rejected
+from pipeline.kafka.fetch import FramesFetch
 from pipeline.kafka.gate import AcceptedFrame, InputGate
 from pipeline.kafka.offsets import TP, OffsetBook
 from pipeline.kafka.producer import RecoveringProducer
@@ -56,13 +57,15 @@ class RunReport:
     acked: int = 0
     dead_letters: int = 0
     commits: int = 0
+    parked_restores: int = 0  # kafka-python work-around applied on resume (FramesFetch._restore_parked_records)
     streams: set = field(default_factory=set)
     resumed: list[ResumeOutcome] = field(default_factory=list)  # streams re-seeded from their last record
 
     def summary(self) -> str:
         objects = sum(len(r.prompts) for r in self.resumed)
         return (f"frames={self.frames} prompts={self.prompts} records={self.records} acked={self.acked} "
-                f"dead_letters={self.dead_letters} commits={self.commits} streams={len(self.streams)} "
+                f"dead_letters={self.dead_letters} commits={self.commits} parked_restores={self.parked_restores} "
+                f"streams={len(self.streams)} "
                 f"resumed_objects={objects}")
 
 
@@ -90,8 +93,6 @@ class KafkaRunner:
         # Prompts for a stream whose first frame has not arrived on this member yet (deadline, prompt, record)
         self._held_prompts: dict[str, list[tuple[float, Any, Any]]] = {}
         self._backlog: deque[AcceptedFrame] = deque()
-        self._paused = False
-        self._next_offset: dict[TopicPartition, int] = {}  # frames partitions: next offset to consume
         self.session = LiveSession(backend, model, config)
         self.resumer: Optional[ObjectResumer] = ObjectResumer(settings) if settings.resume.enabled else None
         self.producer = RecoveringProducer(producer_kwargs(settings), stats=self.stats,
@@ -101,6 +102,7 @@ class KafkaRunner:
         kwargs = consumer_kwargs(settings, max_poll_records=max(4, config.queue_capacity))
         self.consumer = KafkaConsumer(**kwargs)
         self.consumer.subscribe([settings.topics.frames, settings.topics.prompts], listener=_Listener(self))
+        self.fetch = FramesFetch(self.consumer, settings.topics.frames, self.report)
         self._last_commit = time.monotonic()
 
     # -- loop -------------------------------------------------------------------------------
@@ -120,9 +122,8 @@ class KafkaRunner:
 
     def step(self) -> bool:
         """One iteration: fetch, validate, submit, drive the session, publish, settle acks, commit."""
-        frames_tps = [tp for tp in self.consumer.assignment() if tp.topic == self.settings.topics.frames]
-        if self.overload == "pause" and frames_tps:
-            self._pause_or_resume(frames_tps, full=len(self._backlog) >= self.session.config.queue_capacity)
+        if self.overload == "pause":
+            self.fetch.pause_or_resume(full=len(self._backlog) >= self.session.config.queue_capacity)
         batch = self.consumer.poll(timeout_ms=10 if self.session.streams() else 200)
         for records in batch.values():
             for record in records:
@@ -142,63 +143,8 @@ class KafkaRunner:
         return merge([self.stats.snapshot(), self.session.stats_snapshot()])
 
     def _update_lag(self) -> None:
-        """`masklet_kafka_consumer_lag`: frames not yet done, summed over our frames partitions.
-
-        Per partition: the high watermark minus the lowest offset not yet done (the position the
-        next commit would store; frames fetched but still in the backlog or the session count as
-        lag), or the consumer's fetch position where nothing was consumed there yet. The high
-        watermark is `consumer.highwater(tp)`, the one carried by fetch responses: Tansu answers ListOffsets
-        wrongly (measured: `end_offsets()` gave 1 for a partition holding 50 records, while
-        `highwater()` gave 50, then 60 after 10 more), so `end_offsets()`/`offsets_for_times()` are
-        not used. A partition with no fetch response yet (highwater None) is left out; a paused
-        partition keeps the highwater of its last fetch, so the gauge can only under-read then.
-        """
-        frames = self.settings.topics.frames
-        open_positions = self.book.positions()
-        lag = 0
-        for tp in self.consumer.assignment():
-            if tp.topic != frames:
-                continue
-            high = self.consumer.highwater(tp)
-            if high is None:
-                continue
-            pos = open_positions.get((tp.topic, tp.partition))
-            if pos is None:
-                pos = self._fetch_position(tp)
-                if pos is None:
-                    continue
-            lag += max(0, high - pos)
-        self.stats.set("masklet_kafka_consumer_lag", lag)
-
-    def _pause_or_resume(self, frames_tps: list, full: bool) -> None:
-        if full and not self._paused:
-            self.consumer.pause(*frames_tps)
-            self._paused = True
-        elif not full and self._paused:
-            self.consumer.resume(*frames_tps)
-            self._paused = False
-            # Measured on Tansu: after a pause/resume kafka-python sometimes kept the position but
-            # never fetched again (4 of 40 frames, then nothing for 40 s). Seeking to the next
-            # unconsumed offset resets the partition's fetch state; records fetched while paused
-            # were discarded by kafka-python, so nothing is skipped or read twice.
-            for tp in frames_tps:
-                if tp in self._next_offset:
-                    self.consumer.seek(tp, self._next_offset[tp])
-
-    def _fetch_position(self, tp: TopicPartition) -> Optional[int]:
-        """The consumer's position in `tp` as last resolved, read without side effects.
-
-        Not `consumer.position(tp)`: in kafka-python 3.0.12 that call also drives committed-offset
-        refresh, offset reset and leader-epoch validation for every assigned partition and can
-        block on the coordinator (its `timeout_ms` also bounds tasks it leaves cached for `poll`);
-        this runs after every poll. A kafka-python without this state gives None, and the
-        partition is left out of the lag."""
-        try:
-            position = self.consumer._subscription.position(tp)  # noqa: SLF001
-        except Exception:  # noqa: BLE001 - unassigned meanwhile, or another kafka-python layout
-            return None
-        offset = getattr(position, "offset", position)
-        return offset if isinstance(offset, int) else None
+        """`masklet_kafka_consumer_lag` (see `FramesFetch.lag`)."""
+        self.stats.set("masklet_kafka_consumer_lag", self.fetch.lag(self.book.positions()))
 
     # -- input ------------------------------------------------------------------------------
 
@@ -206,7 +152,7 @@ class KafkaRunner:
         tp = (record.topic, record.partition)
         self.book.consumed(tp, record.offset)
         if record.topic == self.settings.topics.frames:
-            self._next_offset[TopicPartition(record.topic, record.partition)] = record.offset + 1
+            self.fetch.consumed(record)
             self.report.frames += 1
             frame = self.gate.frame(record)
             if frame is None or not self._open(frame, record):
@@ -402,9 +348,7 @@ class _Listener(ConsumerRebalanceListener):
                 self.runner._held_prompts[stream_id] = kept
             else:
                 del self.runner._held_prompts[stream_id]
-        for tp in revoked:
-            self.runner._next_offset.pop(tp, None)
-        self.runner._paused = False  # a new assignment starts unpaused
+        self.runner.fetch.forget(revoked)
 
     def on_partitions_assigned(self, assigned: Any) -> None:
         pass

@@ -4,12 +4,14 @@ from __future__ import annotations
 import time
 
 import numpy as np
-from kafka import KafkaProducer
+from kafka import KafkaProducer, TopicPartition
 from kafka.partitioner.default import murmur2
 
 from pipeline.config import ResumeSettings
 from pipeline.kafka.client import producer_kwargs
+from pipeline.kafka.fetch import FramesFetch
 from pipeline.kafka.resume import NewestRecordFinder, resume_prompts
+from pipeline.kafka.run import RunReport
 from pipeline.messages import MaskletRecord, ObjectMask, PromptMessage
 from pipeline.rle import decode_rle, encode_mask, mask_bbox
 from tests.kafka.test_kafka_run import FAKE, Background, publish_frames, send_raw
@@ -179,3 +181,55 @@ def test_a_prompt_read_before_its_streams_first_frame_is_held_not_dead_lettered(
         bg.close()
     assert [len(r.objects) for r in records] == [0, 0, 1, 1, 1, 1]
     assert bg.runner.report.dead_letters == 0
+
+
+def test_pause_mode_gets_through_a_backlog_fetched_in_one_go(kafka_settings, consume_records):
+    """`--overload pause` with a queue of 1: one fetch brings all 40 frames, the runner pauses
+    with records of that fetch parked by kafka-python, and must get every one of them back on
+    resume (kafka-python 3.0.12 alone stalled here; see FramesFetch._restore_parked_records)."""
+    frames = synthetic_frames(40)
+    bg = Background(kafka_settings, FAKE, config={"queue_capacity": 1, "max_in_flight": 1})
+    try:
+        publish_frames(kafka_settings, "cam", frames, 0, 40)
+        records = consume_records(kafka_settings, kafka_settings.topics.masklets, 40, 60)
+    finally:
+        bg.close()
+    assert sorted(MaskletRecord.from_json_bytes(r.value).frame_idx for r in records) == list(range(40))
+
+
+class _UsedUp:
+    """kafka-python's PartitionRecords once every record was taken: falsy, yet not None."""
+
+    def __bool__(self) -> bool:
+        return False
+
+
+class _StubConsumer:
+    def __init__(self) -> None:
+        self._fetcher = type("Fetcher", (), {})()
+        self._fetcher._next_partition_records = _UsedUp()
+        self.calls: list[str] = []
+
+    def assignment(self):
+        return {TopicPartition("frames", 0), TopicPartition("prompts", 0)}
+
+    def pause(self, *tps):
+        self.calls.append(f"pause {sorted(tp.topic for tp in tps)}")
+
+    def resume(self, *tps):
+        self.calls.append(f"resume {sorted(tp.topic for tp in tps)}")
+
+    def seek(self, tp, offset):
+        self.calls.append(f"seek {tp.topic} {offset}")
+
+
+def test_resume_empties_kafka_pythons_used_up_records_slot_so_parked_records_come_back():
+    consumer, report = _StubConsumer(), RunReport()
+    fetch = FramesFetch(consumer, "frames", report)
+    fetch.consumed(type("Record", (), {"topic": "frames", "partition": 0, "offset": 22})())
+    fetch.pause_or_resume(full=True)
+    fetch.pause_or_resume(full=True)  # already paused: nothing more
+    assert consumer._fetcher._next_partition_records is not None
+    fetch.pause_or_resume(full=False)
+    assert consumer.calls == ["pause ['frames']", "resume ['frames']", "seek frames 23"]
+    assert consumer._fetcher._next_partition_records is None and report.parked_restores == 1
