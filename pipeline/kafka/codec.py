@@ -127,13 +127,12 @@ def decode_frame(key: Optional[bytes], value: Optional[bytes], headers: Optional
     return stream_id, meta, rgb
 
 
-def parse_prompt(value: Optional[bytes], streams: Optional[Mapping[str, tuple[int, int]]] = None, *,
-                 unknown_stream_ok: bool = False) -> PromptMessage:
+def parse_prompt(value: Optional[bytes], streams: Optional[Mapping[str, tuple[int, int]]] = None) -> PromptMessage:
     """Validate a prompts-topic record; raises `Rejected`.
 
-    `streams` maps the stream ids seen so far to their (width, height); when given, coordinates
-    must lie inside the frame, and prompts for other streams are refused unless
-    `unknown_stream_ok` (then their range is checked later with `check_prompt_range`).
+    `streams` maps the stream ids seen so far to their (width, height): a prompt for one of them
+    must lie inside its frames. A prompt for another stream passes; `check_prompt_range` decides
+    once that stream's first frame is known.
     """
     data = value or b""
     if looks_like_pickle(data):
@@ -147,7 +146,7 @@ def parse_prompt(value: Optional[bytes], streams: Optional[Mapping[str, tuple[in
         raise Rejected("unknown_schema" if kind == "unknown_schema" else "malformed_prompt", kind, str(exc)) from None
     if prompt.object_id > MAX_OBJECT_ID:
         raise Rejected("malformed_prompt", "out_of_range", f"object_id {prompt.object_id} over {MAX_OBJECT_ID}")
-    if streams is not None and not (unknown_stream_ok and prompt.stream_id not in streams):
+    if streams is not None and prompt.stream_id in streams:
         check_prompt_range(prompt, streams)
     return prompt
 

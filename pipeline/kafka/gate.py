@@ -55,7 +55,7 @@ class InputGate:
     def prompt(self, record: Any) -> Optional[PromptMessage]:
         """A ConsumerRecord from the prompts topic -> PromptMessage, or None if dead-lettered."""
         try:
-            return parse_prompt(record.value, self.stream_sizes, unknown_stream_ok=True)
+            return parse_prompt(record.value, self.stream_sizes)
         except Rejected as rejected:
             self._dead_letter(rejected, record)
             return None

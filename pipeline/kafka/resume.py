@@ -45,7 +45,6 @@ class ResumeOutcome:
     source_frame_idx: Optional[int]        # the record the masks come from
     prompts: tuple[PromptMessage, ...]     # one mask `add` per object present in that record
     absent_object_ids: tuple[int, ...]     # listed in that record without a mask: not resumed
-    records_read: int
 
     @property
     def resumed_object_ids(self) -> tuple[int, ...]:
@@ -75,8 +74,11 @@ class NewestRecordFinder:
         self.config: ResumeSettings = settings.resume
         # fetch_max_wait_ms: the broker would hold a fetch of an empty or fully read partition
         # for 500 ms (the default), and the scan stalls the runner's poll loop meanwhile.
+        # 1 MB fetches, not the 16/64 MB sized for frames: masklet records are small, and the
+        # first fetch (from the log start, for the high watermark) is otherwise up to 16 MB.
         self.consumer = consumer or KafkaConsumer(**consumer_kwargs(
-            settings, group=False, max_poll_records=max(64, min(self.config.window, 1000)), fetch_max_wait_ms=20))
+            settings, group=False, max_poll_records=max(64, min(self.config.window, 1000)), fetch_max_wait_ms=20,
+            max_partition_fetch_bytes=1 << 20, fetch_max_bytes=1 << 20))
 
     def close(self) -> None:
         self.consumer.close()
@@ -177,14 +179,14 @@ class ObjectResumer:
 
     def plan(self, stream_id: str, first_frame_idx: int) -> ResumeOutcome:
         try:
-            record, read = self.finder.newest_before(stream_id, first_frame_idx)
+            record, _ = self.finder.newest_before(stream_id, first_frame_idx)
         except Exception as exc:  # noqa: BLE001 - the stream must start, with or without its objects
             log.warning("stream %s: could not read back its last record (%s); it starts without objects", stream_id, exc)
-            return ResumeOutcome(stream_id, first_frame_idx, None, (), (), 0)
+            return ResumeOutcome(stream_id, first_frame_idx, None, (), ())
         if record is None:
-            return ResumeOutcome(stream_id, first_frame_idx, None, (), (), read)
+            return ResumeOutcome(stream_id, first_frame_idx, None, (), ())
         prompts, absent = resume_prompts(record, first_frame_idx)
-        outcome = ResumeOutcome(stream_id, first_frame_idx, record.frame_idx, prompts, absent, read)
+        outcome = ResumeOutcome(stream_id, first_frame_idx, record.frame_idx, prompts, absent)
         log.warning("stream %s: resuming at frame %d from its record of frame %d: objects %s; absent then, "
                     "not resumed: %s", stream_id, first_frame_idx, record.frame_idx,
                     list(outcome.resumed_object_ids), list(absent))

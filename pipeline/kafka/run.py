@@ -41,12 +41,26 @@ from pipeline.kafka.offsets import TP, OffsetBook
 from pipeline.kafka.producer import RecoveringProducer
 from pipeline.kafka.resume import ObjectResumer, ResumeOutcome
 from pipeline.live import LiveConfig, LiveOutput, LiveSession, PromptRejected
+from pipeline.messages import PromptMessage
 
 log = logging.getLogger(__name__)
 
 # Session refusals -> the shared dead-letter reason codes (dashboards key on those).
 _PROMPT_REASONS = {"unknown_stream": "unknown_stream", "frame_too_old": "out_of_order",
                    "not_latest_frame": "out_of_order"}
+
+
+@dataclass(frozen=True)
+class HeldPrompt:
+    """A prompt whose stream has no frame on this member yet, and the record it came in."""
+
+    deadline: float  # monotonic: dead-lettered as `unknown_stream` when no frame came by then
+    prompt: PromptMessage
+    record: Any
+
+    @property
+    def tp(self) -> TP:
+        return (self.record.topic, self.record.partition)
 
 
 @dataclass
@@ -65,8 +79,7 @@ class RunReport:
         objects = sum(len(r.prompts) for r in self.resumed)
         return (f"frames={self.frames} prompts={self.prompts} records={self.records} acked={self.acked} "
                 f"dead_letters={self.dead_letters} commits={self.commits} parked_restores={self.parked_restores} "
-                f"streams={len(self.streams)} "
-                f"resumed_objects={objects}")
+                f"streams={len(self.streams)} resumed_objects={objects}")
 
 
 class KafkaRunner:
@@ -90,8 +103,7 @@ class KafkaRunner:
         self._acks: "queue.Queue[int]" = queue.Queue()
         self._by_seq: dict[int, tuple[tuple, str, int]] = {}
         self._prompt_waits: dict[str, list[tuple[int, TP, int]]] = {}
-        # Prompts for a stream whose first frame has not arrived on this member yet (deadline, prompt, record)
-        self._held_prompts: dict[str, list[tuple[float, Any, Any]]] = {}
+        self._held_prompts: dict[str, list[HeldPrompt]] = {}  # by stream id, oldest first
         self._backlog: deque[AcceptedFrame] = deque()
         self.session = LiveSession(backend, model, config)
         self.resumer: Optional[ObjectResumer] = ObjectResumer(settings) if settings.resume.enabled else None
@@ -173,29 +185,27 @@ class KafkaRunner:
             else:
                 # Its stream's first frame may simply not be here yet: after a restart or a rebalance
                 # the prompts partition is often read first, and a replayed prompt must not be lost.
-                deadline = time.monotonic() + self.unknown_stream_hold_s
-                self._held_prompts.setdefault(prompt.stream_id, []).append((deadline, prompt, record))
+                held = HeldPrompt(time.monotonic() + self.unknown_stream_hold_s, prompt, record)
+                self._held_prompts.setdefault(prompt.stream_id, []).append(held)
 
-    def _submit_prompt(self, prompt: Any, record: Any) -> None:
+    def _submit_prompt(self, prompt: PromptMessage, record: Any) -> None:
         try:
             self.session.submit_prompt(prompt)
         except PromptRejected as exc:
             self._reject(Rejected(_PROMPT_REASONS.get(exc.reason, "malformed_prompt"), exc.reason, str(exc)), record)
             return
-        self._prompt_waits.setdefault(prompt.stream_id, []).append((prompt.frame_idx, (record.topic, record.partition),
-                                                                    record.offset))
+        tp = (record.topic, record.partition)
+        self._prompt_waits.setdefault(prompt.stream_id, []).append((prompt.frame_idx, tp, record.offset))
 
     def _expire_held_prompts(self) -> None:
         now = time.monotonic()
-        for stream_id in [sid for sid, held in self._held_prompts.items() if held[0][0] <= now]:
-            held = self._held_prompts.pop(stream_id)
-            for deadline, prompt, record in held:
-                if deadline > now:
-                    self._held_prompts.setdefault(stream_id, []).append((deadline, prompt, record))
-                    continue
+        for stream_id, held in list(self._held_prompts.items()):
+            while held and held[0].deadline <= now:
                 self._reject(Rejected("unknown_stream", "unknown_stream",
                                       f"no frame of stream {stream_id!r} arrived within {self.unknown_stream_hold_s:g} s "
-                                      f"of its prompt"), record)
+                                      f"of its prompt"), held.pop(0).record)
+            if not held:
+                del self._held_prompts[stream_id]
 
     def _open(self, frame: AcceptedFrame, record: Any) -> bool:
         if frame.stream_id in self.session.streams():
@@ -211,11 +221,11 @@ class KafkaRunner:
         self.report.streams.add(frame.stream_id)
         if self.resumer is not None:
             self._resume_objects(frame)
-        for _, prompt, held_record in self._held_prompts.pop(frame.stream_id, []):
-            if self.gate.recheck(prompt, held_record):  # after the resumed objects: the user's prompt wins
-                self._submit_prompt(prompt, held_record)
+        for held in self._held_prompts.pop(frame.stream_id, []):
+            if self.gate.recheck(held.prompt, held.record):  # after the resumed objects: the user's prompt wins
+                self._submit_prompt(held.prompt, held.record)
             else:
-                self._dead_lettered((held_record.topic, held_record.partition), held_record.offset)
+                self._dead_lettered(held.tp, held.record.offset)
         return True
 
     def _resume_objects(self, frame: AcceptedFrame) -> None:
@@ -343,10 +353,8 @@ class _Listener(ConsumerRebalanceListener):
         self.runner.book.forget([(tp.topic, tp.partition) for tp in revoked])
         gone = {(tp.topic, tp.partition) for tp in revoked}
         for stream_id, held in list(self.runner._held_prompts.items()):  # their new owner reads them again
-            kept = [entry for entry in held if (entry[2].topic, entry[2].partition) not in gone]
-            if kept:
-                self.runner._held_prompts[stream_id] = kept
-            else:
+            held[:] = [h for h in held if h.tp not in gone]
+            if not held:
                 del self.runner._held_prompts[stream_id]
         self.runner.fetch.forget(revoked)
 
