@@ -35,7 +35,7 @@ test: $(STAMP)
 	$(VENV_PY) -m pytest tests
 
 demo: $(STAMP)
-	$(VENV_PY) -m pipeline.demo
+	$(VENV_PY) -m masklet.deploy.demo
 
 # CPU benchmarks; gpu_bench.py needs a GPU (`make bench-gpu`).
 bench: $(STAMP)

@@ -5,9 +5,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from actors.common import InputError, actor_pid, limit_threads
-from monitoring.stats import Stats
-from pipeline.sources import SourceError
+from masklet.actors.payloads import InputError, actor_pid, limit_threads
+from masklet.monitoring.stats import Stats
+from masklet.actors.sources import SourceError
 
 
 @dataclass(frozen=True)

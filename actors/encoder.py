@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.common import EmbeddingPayload, ModelSpec, actor_pid, in_actor_process, limit_threads
-from monitoring.stats import Stats
+from masklet.actors.payloads import EmbeddingPayload, ModelSpec, actor_pid, in_actor_process, limit_threads
+from masklet.monitoring.stats import Stats
 
 
 def _usable_cores() -> int:

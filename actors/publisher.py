@@ -13,11 +13,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from actors.common import FrameMeta, StreamInfo, TrackedMask, actor_pid, limit_threads
-from monitoring.stats import Stats
-from pipeline.messages import CocoRle, MaskletRecord, ObjectMask
-from pipeline.rle import encode_masks
-from pipeline.sinks import FrameOutput
+from masklet.actors.payloads import FrameMeta, StreamInfo, TrackedMask, actor_pid, limit_threads
+from masklet.monitoring.stats import Stats
+from masklet.actors.messages import CocoRle, MaskletRecord, ObjectMask
+from masklet.actors.rle import encode_masks
+from masklet.actors.sinks import FrameOutput
 
 
 @dataclass(frozen=True)

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from actors.common import ModelSpec, TrackedMask, actor_pid, as_embedding, limit_threads, tracker_class
-from model.types import Prompt
-from monitoring.stats import Stats
+from masklet.actors.payloads import ModelSpec, TrackedMask, actor_pid, as_embedding, limit_threads, tracker_class
+from masklet.model.types import Prompt
+from masklet.monitoring.stats import Stats
 
 FORWARD = "forward"
 BACKWARD = "backward"

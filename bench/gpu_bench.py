@@ -35,14 +35,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "model"), str(ROOT / "bench")]
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from actors.common import ModelSpec  # noqa: E402
-from model.config import get_config  # noqa: E402
-from model.types import Prompt  # noqa: E402
+from masklet.actors.payloads import ModelSpec  # noqa: E402
+from masklet.model.config import get_config  # noqa: E402
+from masklet.model.types import Prompt  # noqa: E402
 from oracle import build_official_video_predictor  # noqa: E402
-from pipeline.backend import RayBackend  # noqa: E402
-from pipeline.engine import Engine, EngineConfig, StreamSpec  # noqa: E402
-from pipeline.sinks import JsonlOutputs  # noqa: E402
-from pipeline.sources import open_source  # noqa: E402
+from masklet.actors.backend import RayBackend  # noqa: E402
+from masklet.pipeline.engine import Engine, EngineConfig, StreamSpec  # noqa: E402
+from masklet.actors.sinks import JsonlOutputs  # noqa: E402
+from masklet.actors.sources import open_source  # noqa: E402
 from pipeline_bench import machine as base_machine  # noqa: E402
 
 GPU_SETTINGS = {"inputs": 8, "frames": 60, "image_size": 1024, "model": "sam2.1_hiera_tiny"}

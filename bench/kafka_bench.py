@@ -24,14 +24,14 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
-from pipeline.config import KafkaSettings  # noqa: E402
-from pipeline.kafka.broker import EmbeddedBroker  # noqa: E402
-from pipeline.kafka.client import crc32c_available, producer_kwargs  # noqa: E402
-from pipeline.kafka.codec import encode_jpeg, frame_headers  # noqa: E402
-from pipeline.kafka.ingest import ingest  # noqa: E402
-from pipeline.kafka.producer import RecoveringProducer  # noqa: E402
-from pipeline.sources import open_source  # noqa: E402
-from actors.common import ModelSpec  # noqa: E402
+from masklet.pipeline.config import KafkaSettings  # noqa: E402
+from masklet.pipeline.kafka.broker import EmbeddedBroker  # noqa: E402
+from masklet.pipeline.kafka.client import crc32c_available, producer_kwargs  # noqa: E402
+from masklet.pipeline.kafka.codec import encode_jpeg, frame_headers  # noqa: E402
+from masklet.pipeline.kafka.ingest import ingest  # noqa: E402
+from masklet.pipeline.kafka.producer import RecoveringProducer  # noqa: E402
+from masklet.actors.sources import open_source  # noqa: E402
+from masklet.actors.payloads import ModelSpec  # noqa: E402
 
 TINY = ModelSpec("sam2.1_hiera_tiny", None, 256, "cpu")
 
@@ -82,9 +82,9 @@ def _paced(frames: list, fps: float, send) -> None:
 
 def _live_in_process(frames: list, fps: float, sid: str, queue_capacity: int) -> dict:
     """The LiveSession alone: submit at `fps`, poll between; latency = submit -> output."""
-    from pipeline.backend import InProcessBackend
-    from pipeline.live import LiveConfig, LiveSession
-    from pipeline.messages import PromptMessage
+    from masklet.actors.backend import InProcessBackend
+    from masklet.pipeline.live import LiveConfig, LiveSession
+    from masklet.actors.messages import PromptMessage
 
     sent, latencies = {}, []
     # The session's own driver thread does the work, as the Kafka runner's loop does; the caller
@@ -118,10 +118,10 @@ class _KafkaPath:
 
         from kafka import KafkaConsumer, TopicPartition
 
-        from pipeline.backend import InProcessBackend
-        from pipeline.kafka.client import consumer_kwargs, topic_partitions
-        from pipeline.kafka.run import KafkaRunner
-        from pipeline.live import LiveConfig
+        from masklet.actors.backend import InProcessBackend
+        from masklet.pipeline.kafka.client import consumer_kwargs, topic_partitions
+        from masklet.pipeline.kafka.run import KafkaRunner
+        from masklet.pipeline.live import LiveConfig
 
         self.settings = settings
         self.runner = KafkaRunner(settings, InProcessBackend(), TINY, LiveConfig(queue_capacity=queue_capacity),
@@ -151,7 +151,7 @@ class _KafkaPath:
                     self.arrived[(rec["stream_id"], rec["frame_idx"])] = (now, rec["dropped_frames_since_last"])
 
     def trial(self, frames: list, fps: float, sid: str) -> dict:
-        from pipeline.messages import PromptMessage
+        from masklet.actors.messages import PromptMessage
 
         h, w = frames[0].shape[:2]
         jpegs = [encode_jpeg(f) for f in frames]

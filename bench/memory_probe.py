@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from monitoring.processes import descendant_pids
+from masklet.monitoring.processes import descendant_pids
 
 _KEYS = {"Rss:": "rss", "Pss:": "pss", "Anonymous:": "anon"}
 

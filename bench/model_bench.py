@@ -22,7 +22,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "model")]
 
-from model import Prompt  # noqa: E402
+from masklet.model import Prompt  # noqa: E402
 from oracle import build_official_video_predictor, official_state, ours_from, read_clip  # noqa: E402
 
 CLICKS = [[160.0, 90.0], [60.0, 140.0], [260.0, 60.0]]

@@ -29,16 +29,16 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from actors.common import ModelSpec  # noqa: E402
-from actors.publisher import build_record  # noqa: E402
-from actors.common import FrameMeta, TrackedMask  # noqa: E402
-from model import build_model  # noqa: E402
-from model.config import get_config  # noqa: E402
-from model.types import Prompt  # noqa: E402
-from pipeline.backend import RayBackend  # noqa: E402
-from pipeline.engine import Engine, EngineConfig, StreamSpec  # noqa: E402
-from pipeline.sinks import JsonlOutputs  # noqa: E402
-from pipeline.sources import open_source  # noqa: E402
+from masklet.actors.payloads import ModelSpec  # noqa: E402
+from masklet.actors.publisher import build_record  # noqa: E402
+from masklet.actors.payloads import FrameMeta, TrackedMask  # noqa: E402
+from masklet.model import build_model  # noqa: E402
+from masklet.model.config import get_config  # noqa: E402
+from masklet.model.types import Prompt  # noqa: E402
+from masklet.actors.backend import RayBackend  # noqa: E402
+from masklet.pipeline.engine import Engine, EngineConfig, StreamSpec  # noqa: E402
+from masklet.actors.sinks import JsonlOutputs  # noqa: E402
+from masklet.actors.sources import open_source  # noqa: E402
 from memory_probe import MemorySampler  # noqa: E402
 
 
@@ -51,7 +51,7 @@ class SyntheticSource:
         self.frame_count, self.is_live, self.num_frames = num_frames, False, num_frames
 
     def frames(self):
-        from pipeline.sources import DecodedFrame
+        from masklet.actors.sources import DecodedFrame
 
         ys, xs = np.mgrid[0:self.height, 0:self.width]
         base = np.stack([xs % 256, ys % 256, (xs + ys) % 256], -1).astype(np.uint8)

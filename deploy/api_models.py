@@ -10,7 +10,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from pipeline.messages import CocoRle, PromptMessage
+from masklet.actors.messages import CocoRle, PromptMessage
 
 # Stream ids appear in URL paths and Kafka keys: keep them path-safe and short.
 STREAM_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"

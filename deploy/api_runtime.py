@@ -13,11 +13,11 @@ from typing import Any, Callable, Optional
 
 from fastapi import HTTPException
 
-from deploy.api_models import CreateStream
-from deploy.api_security import ApiLimits
-from deploy.feeders import Feeder, kafka_frames, source_frames, source_type_of
-from monitoring.stats import Stats
-from pipeline.config import DEFAULT_MAX_PIXELS, KafkaSettings
+from masklet.deploy.api_models import CreateStream
+from masklet.deploy.api_security import ApiLimits
+from masklet.deploy.feeders import Feeder, kafka_frames, source_frames, source_type_of
+from masklet.monitoring.stats import Stats
+from masklet.pipeline.config import DEFAULT_MAX_PIXELS, KafkaSettings
 
 log = logging.getLogger(__name__)
 

@@ -15,15 +15,15 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
-from monitoring.stats import Stats
-from pipeline.config import DEFAULT_MAX_PIXELS, KafkaSettings
+from masklet.monitoring.stats import Stats
+from masklet.pipeline.config import DEFAULT_MAX_PIXELS, KafkaSettings
 
 log = logging.getLogger(__name__)
 
 
 def source_type_of(uri: str) -> str:
     """The `source_type` label of a source: file, http or rtsp (as `masklet ingest` counts them)."""
-    from pipeline.kafka.ingest import source_type_of as ingest_source_type
+    from masklet.pipeline.kafka.ingest import source_type_of as ingest_source_type
 
     return ingest_source_type(uri)
 
@@ -99,8 +99,8 @@ def source_frames(uri: str, *, realtime: bool, loop: bool, max_frames: Optional[
                   sleep: Callable[[float], None] = time.sleep) -> Callable[[threading.Event], Iterator[FeedFrame]]:
     """Frames of a file, folder or http(s)/rtsp URL; network sources reconnect (counted in stats)."""
     # The ingest command already knows how to reconnect and renumber frames monotonically.
-    from pipeline.kafka.ingest import IngestReport, ReconnectPolicy, _frames_with_reconnect
-    from pipeline.sources import open_source
+    from masklet.pipeline.kafka.ingest import IngestReport, ReconnectPolicy, _frames_with_reconnect
+    from masklet.actors.sources import open_source
 
     def frames(stop: threading.Event) -> Iterator[FeedFrame]:
         next_idx, pts_offset, fed = 0, 0.0, 0
@@ -144,9 +144,9 @@ def kafka_frames(settings: KafkaSettings, kafka_stream: str, *, max_frames: Opti
     def frames(stop: threading.Event) -> Iterator[FeedFrame]:
         from kafka import KafkaConsumer, TopicPartition
 
-        from pipeline.kafka.client import consumer_kwargs, topic_partitions
-        from pipeline.kafka.codec import decode_frame
-        from pipeline.kafka.deadletter import Rejected
+        from masklet.pipeline.kafka.client import consumer_kwargs, topic_partitions
+        from masklet.pipeline.kafka.codec import decode_frame
+        from masklet.pipeline.kafka.deadletter import Rejected
 
         consumer = KafkaConsumer(**consumer_kwargs(settings, group=False))
         try:

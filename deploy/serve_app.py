@@ -25,11 +25,11 @@ from fastapi import FastAPI, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
-from deploy.api_models import AddObject, CreateStream, Health, ObjectAccepted, RefineObject, StreamDetail, StreamSummary
-from deploy.api_runtime import KafkaProbe, OutputHub, SessionSlot, StreamRegistry
-from deploy.api_security import ApiLimits, GuardMiddleware, generate_token
-from pipeline.config import KafkaSettings, ServeSettings
-from pipeline.live import PromptRejected
+from masklet.deploy.api_models import AddObject, CreateStream, Health, ObjectAccepted, RefineObject, StreamDetail, StreamSummary
+from masklet.deploy.api_runtime import KafkaProbe, OutputHub, SessionSlot, StreamRegistry
+from masklet.deploy.api_security import ApiLimits, GuardMiddleware, generate_token
+from masklet.pipeline.config import KafkaSettings, ServeSettings
+from masklet.pipeline.live import PromptRejected
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +113,8 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
 
     @app.get("/metrics", response_class=Response)
     def metrics() -> Response:
-        from monitoring.exporter import CONTENT_TYPE_LATEST, render_latest
-        from monitoring.stats import merge
+        from masklet.monitoring.exporter import CONTENT_TYPE_LATEST, render_latest
+        from masklet.monitoring.stats import merge
 
         snapshots = [registry.stats.snapshot()]
         if slot.session is not None:
@@ -163,7 +163,7 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
             raise HTTPException(409, f"stream {stream_id!r} has no frames yet; retry once it is running")
         frame_idx = body.frame_idx if body is not None and body.frame_idx is not None else _latest_idx(session, stream_id)
         if body is None:
-            from pipeline.messages import PromptMessage
+            from masklet.actors.messages import PromptMessage
             message = PromptMessage(stream_id=stream_id, object_id=object_id, frame_idx=frame_idx, action=action)
         else:
             message = body.to_prompt(stream_id, object_id, frame_idx, action)
@@ -268,7 +268,7 @@ def _latest_idx(session: Any, stream_id: str) -> int:
 def _overlay_png(output: Any) -> bytes:
     from PIL import Image
 
-    from pipeline.sinks import draw_overlay
+    from masklet.actors.sinks import draw_overlay
 
     image = Image.fromarray(draw_overlay(output.rgb, output.masks))
     buffer = io.BytesIO()
@@ -292,7 +292,7 @@ def _serve_deployment() -> Any:
         """
 
         def __init__(self, options: Optional[dict] = None) -> None:
-            from pipeline.config import load_settings
+            from masklet.pipeline.config import load_settings
 
             options = dict(options or {})
             self.settings = load_settings(options.pop("config", None))
@@ -326,10 +326,10 @@ def build_live_session(settings: Any, options: dict) -> Any:
     """A LiveSession with an in-process backend: the model lives in this replica (its GPU share)."""
     import torch
 
-    from actors.common import ModelSpec
-    from model.checkpoints import resolve_checkpoint
-    from pipeline.backend import InProcessBackend
-    from pipeline.live import LiveConfig, LiveSession
+    from masklet.actors.payloads import ModelSpec
+    from masklet.model.checkpoints import resolve_checkpoint
+    from masklet.actors.backend import InProcessBackend
+    from masklet.pipeline.live import LiveConfig, LiveSession
 
     name = options.get("model", settings.model.name)
     checkpoint = options.get("checkpoint", settings.model.checkpoint)

@@ -41,9 +41,9 @@ def serve_options(args: argparse.Namespace, token: str) -> dict:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from deploy.api_security import generate_token
-    from pipeline.config import ConfigError, load_settings
-    from pipeline.segment import RANDOM_WEIGHTS_WARNING
+    from masklet.deploy.api_security import generate_token
+    from masklet.pipeline.config import ConfigError, load_settings
+    from masklet.deploy.segment import RANDOM_WEIGHTS_WARNING
 
     try:
         settings = load_settings(args.config, serve={"host": args.host, "port": args.port},
@@ -63,9 +63,9 @@ def run_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from deploy.serve_app import app
+    from masklet.deploy.serve_app import app
 
-    from pipeline.backend import init_ray
+    from masklet.actors.backend import init_ray
 
     init_ray(include_dashboard=False, configure_logging=False)  # never expose the dashboard/job API
     serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})

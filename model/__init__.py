@@ -1,6 +1,6 @@
 """SAM 2 / SAM 2.1 for streaming video: build a model, encode frames in batches, track objects.
 
-    from model import build_model, Prompt
+    from masklet.model import build_model, Prompt
     m = build_model("sam2.1_hiera_tiny", checkpoint="auto", image_size=1024, device="cpu")
     emb = m.encode(frames_uint8)                      # [B, H, W, 3] -> list[FrameEmbedding]
     t = m.new_tracker(video_size=(H, W))

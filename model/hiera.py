@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.common import MLP, DropPath
+from masklet.model.common import MLP, DropPath
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from model.common import MLP, LayerNorm2d
+from masklet.model.common import MLP, LayerNorm2d
 
 # Logit reported as "object present" when the decoder has no object-score head (sigmoid(10) ~ 1).
 OBJECT_PRESENT_LOGIT = 10.0

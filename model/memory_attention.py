@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from model.attention import RoPEAttention
-from model.common import activation_by_name
+from masklet.model.attention import RoPEAttention
+from masklet.model.common import activation_by_name
 
 
 def _with_pos(x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:

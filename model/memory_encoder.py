@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from model.common import DropPath, LayerNorm2d
+from masklet.model.common import DropPath, LayerNorm2d
 
 
 class MaskDownSampler(nn.Module):

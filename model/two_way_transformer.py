@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from model.attention import Attention
-from model.common import MLP
+from masklet.model.attention import Attention
+from masklet.model.common import MLP
 
 
 class TwoWayAttentionBlock(nn.Module):

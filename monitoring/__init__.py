@@ -1,6 +1,6 @@
 """Masklet monitoring: metric catalogue and stats (`monitoring.stats`, no Prometheus import) and the
 Prometheus exporter (`monitoring.exporter`), plus the Grafana dashboard and alert rules beside them."""
-from monitoring.stats import (
+from masklet.monitoring.stats import (
     METRICS,
     STAGES,
     MetricSpec,

@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from monitoring.stats import METRICS, MetricSpec, StatsSnapshot, merge
+from masklet.monitoring.stats import METRICS, MetricSpec, StatsSnapshot, merge
 
 SnapshotFn = Callable[[], StatsSnapshot]
 

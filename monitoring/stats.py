@@ -7,7 +7,7 @@ numbers, so it pickles across Ray actor boundaries and serialises to JSON. The d
 app calls `merge()` over the snapshots of all actors and gives the result to
 `monitoring.exporter` for `/metrics`.
 
-    from monitoring.stats import Stats
+    from masklet.monitoring.stats import Stats
     stats = Stats()
     stats.inc("masklet_frames_in_total", source_type="rtsp")
     stats.observe("masklet_stage_latency_seconds", 0.012, stage="encode")

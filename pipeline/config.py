@@ -13,17 +13,13 @@ from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from masklet.actors.sources import DEFAULT_MAX_PIXELS
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 KNOWN_MODEL_NAMES = tuple(
     f"{family}_hiera_{size}" for family in ("sam2", "sam2.1") for size in ("tiny", "small", "base_plus", "large")
 )
 
-# DCI 4K (4096x2160, ~8.8 MP) covers every mainstream camera and archive format, UHD and
-# portrait (rotated) variants included. One RGB frame at the cap is ~26.5 MB, so a full
-# 64-frame queue stays under ~1.7 GB per stream; anything larger (8K, image bombs) is
-# refused at decode time instead of exhausting host memory.
-DEFAULT_MAX_PIXELS = 4096 * 2160
 
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 

@@ -22,10 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from actors.common import FrameMeta
-from actors.tracker import BACKWARD, FORWARD
-from model.types import Prompt
-from pipeline.batching import OverflowPolicy
+from masklet.actors.payloads import FrameMeta
+from masklet.actors.tracker import BACKWARD, FORWARD
+from masklet.model.types import Prompt
+from masklet.pipeline.batching import OverflowPolicy
 
 
 class StreamError(RuntimeError):

@@ -19,17 +19,17 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from actors.common import ModelSpec, StreamInfo
-from actors.decoder import DecoderActor
-from actors.encoder import EncoderActor
-from actors.publisher import PublisherActor
-from actors.tracker import TrackerActor
-from monitoring.stats import Stats, StatsSnapshot, merge
-from pipeline.backend import ActorCallError, ActorDiedError, ActorHandle, ActorOptions, Backend, retire_actor
-from pipeline.batching import DynamicBatcher
-from pipeline.controller import (CreateTracker, Publish, Snapshot, StartBackward, Step, StreamController,
+from masklet.actors.payloads import ModelSpec, StreamInfo
+from masklet.actors.decoder import DecoderActor
+from masklet.actors.encoder import EncoderActor
+from masklet.actors.publisher import PublisherActor
+from masklet.actors.tracker import TrackerActor
+from masklet.monitoring.stats import Stats, StatsSnapshot, merge
+from masklet.actors.backend import ActorCallError, ActorDiedError, ActorHandle, ActorOptions, Backend, retire_actor
+from masklet.pipeline.batching import DynamicBatcher
+from masklet.pipeline.controller import (CreateTracker, Publish, Snapshot, StartBackward, Step, StreamController,
                                  StreamError)
-from pipeline.engine_types import EngineConfig, EngineEvent, RunReport, StreamOutcome, StreamSpec
+from masklet.pipeline.engine_types import EngineConfig, EngineEvent, RunReport, StreamOutcome, StreamSpec
 
 __all__ = ["Engine", "EngineConfig", "EngineEvent", "RunReport", "StreamOutcome", "StreamSpec"]
 

@@ -5,11 +5,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from actors.common import StreamInfo
-from model.types import Prompt
-from monitoring.stats import StatsSnapshot
-from pipeline.batching import OverflowPolicy
-from pipeline.config import require_bounds
+from masklet.actors.payloads import StreamInfo
+from masklet.model.types import Prompt
+from masklet.monitoring.stats import StatsSnapshot
+from masklet.pipeline.batching import OverflowPolicy
+from masklet.pipeline.config import require_bounds
 
 
 @dataclass(frozen=True)

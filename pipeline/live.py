@@ -44,18 +44,18 @@ from typing import Any, Callable
 
 import numpy as np
 
-from actors.common import FrameMeta, ModelSpec
-from actors.encoder import EncoderActor
-from actors.publisher import build_record
-from actors.tracker import TrackerActor
-from model.types import Prompt
-from monitoring.stats import Stats, StatsSnapshot, merge
-from pipeline.backend import ActorCallError, ActorDiedError, ActorHandle, ActorOptions, Backend, retire_actor
-from pipeline.batching import DynamicBatcher
-from pipeline.config import require_bounds
-from pipeline.live_state import Incarnation, LiveFrame, LiveStream
-from pipeline.messages import MaskletRecord, PromptMessage
-from pipeline.rle import RleError, decode_rle
+from masklet.actors.payloads import FrameMeta, ModelSpec
+from masklet.actors.encoder import EncoderActor
+from masklet.actors.publisher import build_record
+from masklet.actors.tracker import TrackerActor
+from masklet.model.types import Prompt
+from masklet.monitoring.stats import Stats, StatsSnapshot, merge
+from masklet.actors.backend import ActorCallError, ActorDiedError, ActorHandle, ActorOptions, Backend, retire_actor
+from masklet.pipeline.batching import DynamicBatcher
+from masklet.pipeline.config import require_bounds
+from masklet.pipeline.live_state import Incarnation, LiveFrame, LiveStream
+from masklet.actors.messages import MaskletRecord, PromptMessage
+from masklet.actors.rle import RleError, decode_rle
 
 
 @dataclass(frozen=True)
@@ -330,7 +330,7 @@ class LiveSession:
         return outputs + self._poll(timeout)
 
     def _poll(self, timeout: float) -> list[LiveOutput]:
-        from pipeline.live_exec import run_round
+        from masklet.pipeline.live_exec import run_round
 
         deadline = self.clock() + max(0.0, timeout)
         outputs: list[LiveOutput] = []

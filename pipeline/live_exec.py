@@ -7,12 +7,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from actors.tracker import FORWARD
-from pipeline.backend import ActorCallError, ActorDiedError
-from pipeline.live_state import Encode, Refine, Retire, Step, TakeSnapshot
+from masklet.actors.tracker import FORWARD
+from masklet.actors.backend import ActorCallError, ActorDiedError
+from masklet.pipeline.live_state import Encode, Refine, Retire, Step, TakeSnapshot
 
 if TYPE_CHECKING:
-    from pipeline.live import LiveOutput, LiveSession, _Stream
+    from masklet.pipeline.live import LiveOutput, LiveSession, _Stream
 
 
 def run_round(ses: "LiveSession", deadline: float, outputs: list) -> bool:
@@ -78,7 +78,7 @@ def _submit_encode(ses: "LiveSession", jobs: list) -> tuple:
     futures = [futures] if len(jobs) == 1 else futures
     entry = (ses.encoder.generation, jobs, futures)
     ses._encoding.append(entry)
-    from pipeline.live import _Call
+    from masklet.pipeline.live import _Call
 
     for (sid, j, _), f in zip(jobs, futures):
         ses._pending[f] = _Call("embedding", sid, j, encoder_generation=ses.encoder.generation)
@@ -86,7 +86,7 @@ def _submit_encode(ses: "LiveSession", jobs: list) -> tuple:
 
 
 def _execute(ses: "LiveSession", s: "_Stream", cmd: Any) -> None:
-    from pipeline.live import _Call
+    from masklet.pipeline.live import _Call
 
     st, sid = s.state, s.state.stream_id
     if isinstance(cmd, Encode):

@@ -18,8 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from model.types import Prompt
-from pipeline.batching import BoundedQueue, OverflowPolicy
+from masklet.model.types import Prompt
+from masklet.pipeline.batching import BoundedQueue, OverflowPolicy
 
 
 # -- commands (executed by LiveSession) ------------------------------------------------------

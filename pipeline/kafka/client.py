@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pipeline.config import KafkaSettings
+from masklet.pipeline.config import KafkaSettings
 
 MB = 1024 * 1024
 

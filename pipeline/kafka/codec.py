@@ -15,8 +15,8 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 from PIL import Image, ImageOps
 
-from pipeline.kafka.deadletter import Rejected
-from pipeline.messages import FRAME_SCHEMA, FrameHeaders, MessageError, PromptMessage
+from masklet.pipeline.kafka.deadletter import Rejected
+from masklet.actors.messages import FRAME_SCHEMA, FrameHeaders, MessageError, PromptMessage
 
 JPEG = "image/jpeg"
 PNG = "image/png"

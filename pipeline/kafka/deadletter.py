@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Optional
 
-from pipeline.messages import DeadLetter, DeadLetterReason
+from masklet.actors.messages import DeadLetter, DeadLetterReason
 
 DEADLETTER_SCHEMA = "deadletter/v1"
 

@@ -13,9 +13,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from pipeline.kafka.codec import check_prompt_range, decode_frame, parse_prompt
-from pipeline.kafka.deadletter import DeadLetterPublisher, Rejected
-from pipeline.messages import PromptMessage
+from masklet.pipeline.kafka.codec import check_prompt_range, decode_frame, parse_prompt
+from masklet.pipeline.kafka.deadletter import DeadLetterPublisher, Rejected
+from masklet.actors.messages import PromptMessage
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
-from pipeline.config import DEFAULT_MAX_PIXELS, KafkaSettings
-from pipeline.kafka.client import producer_kwargs
-from pipeline.kafka.codec import JPEG, encode_jpeg, frame_headers
-from pipeline.kafka.producer import DeliveryReport, ProducerGaveUp, RecoveringProducer
-from pipeline.sources import LIVE_SCHEMES, NETWORK_SCHEMES, DecodedFrame, SourceError, open_source
+from masklet.pipeline.config import DEFAULT_MAX_PIXELS, KafkaSettings
+from masklet.pipeline.kafka.client import producer_kwargs
+from masklet.pipeline.kafka.codec import JPEG, encode_jpeg, frame_headers
+from masklet.pipeline.kafka.producer import DeliveryReport, ProducerGaveUp, RecoveringProducer
+from masklet.actors.sources import LIVE_SCHEMES, NETWORK_SCHEMES, DecodedFrame, SourceError, open_source
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ from typing import Optional, Sequence
 
 from pydantic import ValidationError
 
-from pipeline.config import KafkaSettings
-from pipeline.kafka.client import producer_kwargs
-from pipeline.kafka.producer import DeliveryReport, RecoveringProducer
-from pipeline.messages import MessageError, PromptMessage
+from masklet.pipeline.config import KafkaSettings
+from masklet.pipeline.kafka.client import producer_kwargs
+from masklet.pipeline.kafka.producer import DeliveryReport, RecoveringProducer
+from masklet.actors.messages import MessageError, PromptMessage
 
 
 def build_prompt(

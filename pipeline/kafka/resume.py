@@ -29,9 +29,9 @@ from typing import Any, Optional
 from kafka import KafkaConsumer, TopicPartition
 from kafka.partitioner.default import murmur2
 
-from pipeline.config import KafkaSettings, ResumeSettings
-from pipeline.kafka.client import consumer_kwargs, topic_partitions
-from pipeline.messages import MaskletRecord, MessageError, PromptMessage
+from masklet.pipeline.config import KafkaSettings, ResumeSettings
+from masklet.pipeline.kafka.client import consumer_kwargs, topic_partitions
+from masklet.actors.messages import MaskletRecord, MessageError, PromptMessage
 
 log = logging.getLogger(__name__)
 

@@ -29,19 +29,19 @@ from typing import Any, Callable, Optional
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
 from kafka.structs import OffsetAndMetadata
 
-from actors.common import ModelSpec
-from monitoring.stats import Stats, StatsSnapshot, merge
-from pipeline.backend import Backend
-from pipeline.config import DEFAULT_MAX_PIXELS, KafkaSettings
-from pipeline.kafka.client import consumer_kwargs, producer_kwargs
-from pipeline.kafka.deadletter import DeadLetterPublisher, Rejected
-from pipeline.kafka.fetch import FramesFetch
-from pipeline.kafka.gate import AcceptedFrame, InputGate
-from pipeline.kafka.offsets import TP, OffsetBook
-from pipeline.kafka.producer import RecoveringProducer
-from pipeline.kafka.resume import ObjectResumer, ResumeOutcome
-from pipeline.live import LiveConfig, LiveOutput, LiveSession, PromptRejected
-from pipeline.messages import PromptMessage
+from masklet.actors.payloads import ModelSpec
+from masklet.monitoring.stats import Stats, StatsSnapshot, merge
+from masklet.actors.backend import Backend
+from masklet.pipeline.config import DEFAULT_MAX_PIXELS, KafkaSettings
+from masklet.pipeline.kafka.client import consumer_kwargs, producer_kwargs
+from masklet.pipeline.kafka.deadletter import DeadLetterPublisher, Rejected
+from masklet.pipeline.kafka.fetch import FramesFetch
+from masklet.pipeline.kafka.gate import AcceptedFrame, InputGate
+from masklet.pipeline.kafka.offsets import TP, OffsetBook
+from masklet.pipeline.kafka.producer import RecoveringProducer
+from masklet.pipeline.kafka.resume import ObjectResumer, ResumeOutcome
+from masklet.pipeline.live import LiveConfig, LiveOutput, LiveSession, PromptRejected
+from masklet.actors.messages import PromptMessage
 
 log = logging.getLogger(__name__)
 

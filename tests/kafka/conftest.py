@@ -7,9 +7,9 @@ import time
 import pytest
 from kafka import KafkaConsumer, TopicPartition
 
-from pipeline.config import KafkaSettings, KafkaTopics
-from pipeline.kafka.broker import EmbeddedBroker
-from pipeline.kafka.client import consumer_kwargs, topic_partitions
+from masklet.pipeline.config import KafkaSettings, KafkaTopics
+from masklet.pipeline.kafka.broker import EmbeddedBroker
+from masklet.pipeline.kafka.client import consumer_kwargs, topic_partitions
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.kafka.broker import EmbeddedBroker, probe_metadata
+from masklet.pipeline.kafka.broker import EmbeddedBroker, probe_metadata
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -46,11 +46,11 @@ def test_start_stop_reaps_the_process_and_frees_the_port():
 
 
 def test_masklet_broker_prints_bootstrap_and_stops_on_ctrl_c(tmp_path):
-    from pipeline.kafka.broker import free_port
+    from masklet.pipeline.kafka.broker import free_port
 
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.kafka.cli", "broker", "--port", str(port)],
+        [sys.executable, "-m", "masklet.deploy.kafka_cli", "broker", "--port", str(port)],
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )

@@ -1,8 +1,8 @@
 """Settings -> kafka-python keyword arguments (no broker needed)."""
 from kafka import KafkaConsumer, KafkaProducer
 
-from pipeline.config import KafkaSettings
-from pipeline.kafka.client import consumer_kwargs, crc32c_available, producer_kwargs, settings_from
+from masklet.pipeline.config import KafkaSettings
+from masklet.pipeline.kafka.client import consumer_kwargs, crc32c_available, producer_kwargs, settings_from
 
 
 def test_plaintext_defaults_are_tuned_for_throughput_and_recovery():

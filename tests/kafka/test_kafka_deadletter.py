@@ -5,13 +5,13 @@ import pickle
 import numpy as np
 import pytest
 
-from monitoring.stats import Stats
-from pipeline.kafka.client import producer_kwargs
-from pipeline.kafka.codec import encode_jpeg, frame_headers
-from pipeline.kafka.deadletter import DeadLetterPublisher
-from pipeline.kafka.gate import InputGate
-from pipeline.kafka.producer import RecoveringProducer
-from pipeline.messages import DeadLetter
+from masklet.monitoring.stats import Stats
+from masklet.pipeline.kafka.client import producer_kwargs
+from masklet.pipeline.kafka.codec import encode_jpeg, frame_headers
+from masklet.pipeline.kafka.deadletter import DeadLetterPublisher
+from masklet.pipeline.kafka.gate import InputGate
+from masklet.pipeline.kafka.producer import RecoveringProducer
+from masklet.actors.messages import DeadLetter
 
 W, H = 160, 120
 

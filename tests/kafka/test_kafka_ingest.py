@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from monitoring.stats import Stats
-from pipeline.kafka.codec import decode_frame, parse_prompt
-from pipeline.kafka.ingest import ReconnectPolicy, ingest
-from pipeline.sources import DecodedFrame, SourceError, open_source
+from masklet.monitoring.stats import Stats
+from masklet.pipeline.kafka.codec import decode_frame, parse_prompt
+from masklet.pipeline.kafka.ingest import ReconnectPolicy, ingest
+from masklet.actors.sources import DecodedFrame, SourceError, open_source
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FRAMES = 20
@@ -44,11 +44,11 @@ def test_prompt_command_publishes_prompt_v1(kafka_settings, consume_records):
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     common = ["--bootstrap-servers", kafka_settings.bootstrap_servers]
     env["MASKLET_KAFKA__TOPICS__PROMPTS"] = kafka_settings.topics.prompts
-    done = subprocess.run([sys.executable, "-m", "pipeline.kafka.cli", "prompt", "--stream", "dog", "--object", "2",
+    done = subprocess.run([sys.executable, "-m", "masklet.deploy.kafka_cli", "prompt", "--stream", "dog", "--object", "2",
                            "--box", "10,20,300,400", "--frame", "7", *common],
                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
-    refused = subprocess.run([sys.executable, "-m", "pipeline.kafka.cli", "prompt", "--stream", "dog", "--object", "2",
+    refused = subprocess.run([sys.executable, "-m", "masklet.deploy.kafka_cli", "prompt", "--stream", "dog", "--object", "2",
                               "--box", "300,20,10,400", *common],
                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert refused.returncode == 1 and "x0 < x1" in refused.stderr

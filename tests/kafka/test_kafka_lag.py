@@ -13,14 +13,14 @@ import time
 import numpy as np
 import pytest
 
-from actors.common import ModelSpec
-from monitoring.stats import frames_reconcile, frames_unaccounted
-from pipeline.backend import InProcessBackend
-from pipeline.kafka.client import producer_kwargs
-from pipeline.kafka.codec import encode_jpeg, frame_headers
-from pipeline.kafka.producer import RecoveringProducer
-from pipeline.kafka.run import KafkaRunner
-from pipeline.live import LiveConfig
+from masklet.actors.payloads import ModelSpec
+from masklet.monitoring.stats import frames_reconcile, frames_unaccounted
+from masklet.actors.backend import InProcessBackend
+from masklet.pipeline.kafka.client import producer_kwargs
+from masklet.pipeline.kafka.codec import encode_jpeg, frame_headers
+from masklet.pipeline.kafka.producer import RecoveringProducer
+from masklet.pipeline.kafka.run import KafkaRunner
+from masklet.pipeline.live import LiveConfig
 
 FAKE = ModelSpec(name="fake", image_size=64, factory="tests.pipeline.fakes:build_fake_model")
 RGB = np.full((48, 64, 3), 90, np.uint8)

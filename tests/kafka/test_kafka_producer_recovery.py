@@ -6,10 +6,10 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 
-from pipeline.kafka.client import producer_kwargs
-from pipeline.kafka.ingest import ingest
-from pipeline.kafka.producer import ProducerGaveUp, RecoveringProducer
-from pipeline.sources import DecodedFrame
+from masklet.pipeline.kafka.client import producer_kwargs
+from masklet.pipeline.kafka.ingest import ingest
+from masklet.pipeline.kafka.producer import ProducerGaveUp, RecoveringProducer
+from masklet.actors.sources import DecodedFrame
 
 FRAMES = 150
 

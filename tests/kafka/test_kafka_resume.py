@@ -7,13 +7,13 @@ import numpy as np
 from kafka import KafkaProducer, TopicPartition
 from kafka.partitioner.default import murmur2
 
-from pipeline.config import ResumeSettings
-from pipeline.kafka.client import producer_kwargs
-from pipeline.kafka.fetch import FramesFetch
-from pipeline.kafka.resume import NewestRecordFinder, resume_prompts
-from pipeline.kafka.run import RunReport
-from pipeline.messages import MaskletRecord, ObjectMask, PromptMessage
-from pipeline.rle import decode_rle, encode_mask, mask_bbox
+from masklet.pipeline.config import ResumeSettings
+from masklet.pipeline.kafka.client import producer_kwargs
+from masklet.pipeline.kafka.fetch import FramesFetch
+from masklet.pipeline.kafka.resume import NewestRecordFinder, resume_prompts
+from masklet.pipeline.kafka.run import RunReport
+from masklet.actors.messages import MaskletRecord, ObjectMask, PromptMessage
+from masklet.actors.rle import decode_rle, encode_mask, mask_bbox
 from tests.kafka.test_kafka_run import FAKE, Background, publish_frames, send_raw
 from tests.pipeline.fakes import synthetic_frames
 

@@ -15,17 +15,17 @@ from pathlib import Path
 import numpy as np
 from kafka import KafkaConsumer, TopicPartition
 
-from actors.common import ModelSpec
-from pipeline.backend import InProcessBackend
-from pipeline.kafka.client import consumer_kwargs, producer_kwargs, topic_partitions
-from pipeline.kafka.codec import encode_jpeg, frame_headers
-from pipeline.kafka.ingest import ingest
-from pipeline.kafka.producer import RecoveringProducer
-from pipeline.kafka.run import KafkaRunner
-from pipeline.live import LiveConfig
-from pipeline.messages import MaskletRecord, PromptMessage
-from pipeline.rle import decode_rle
-from pipeline.sources import open_source
+from masklet.actors.payloads import ModelSpec
+from masklet.actors.backend import InProcessBackend
+from masklet.pipeline.kafka.client import consumer_kwargs, producer_kwargs, topic_partitions
+from masklet.pipeline.kafka.codec import encode_jpeg, frame_headers
+from masklet.pipeline.kafka.ingest import ingest
+from masklet.pipeline.kafka.producer import RecoveringProducer
+from masklet.pipeline.kafka.run import KafkaRunner
+from masklet.pipeline.live import LiveConfig
+from masklet.actors.messages import MaskletRecord, PromptMessage
+from masklet.actors.rle import decode_rle
+from masklet.actors.sources import open_source
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = ModelSpec("sam2.1_hiera_tiny", None, 256, "cpu")
@@ -183,7 +183,7 @@ def _run_cli(settings, group: str, backend: str = "inprocess") -> subprocess.Pop
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     for name in ("frames", "prompts", "masklets", "deadletter"):
         env[f"MASKLET_KAFKA__TOPICS__{name.upper()}"] = getattr(settings.topics, name)
-    return subprocess.Popen([sys.executable, "-m", "pipeline.kafka.cli", "run", "--checkpoint", "random",
+    return subprocess.Popen([sys.executable, "-m", "masklet.deploy.kafka_cli", "run", "--checkpoint", "random",
                              "--image-size", "256", "--device", "cpu", "--backend", backend, "--overload", "pause",
                              "--bootstrap-servers", settings.bootstrap_servers, "--group-id", group],
                             cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model import build_model
-from model.checkpoints import load_state_dict_strict
+from masklet.model import build_model
+from masklet.model.checkpoints import load_state_dict_strict
 
 CONFIG_FILES = {
     "sam2_hiera_tiny": "configs/sam2/sam2_hiera_t.yaml",

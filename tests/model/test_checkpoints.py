@@ -14,8 +14,8 @@ import pytest
 import torch
 from torch import nn
 
-from model import checkpoints
-from model.checkpoints import (
+from masklet.model import checkpoints
+from masklet.model.checkpoints import (
     CHECKPOINT_URLS,
     CheckpointDownloadError,
     CheckpointError,

@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.hiera import Hiera
-from model.image_encoder import FpnNeck, ImageEncoder
-from model.position_encoding import PositionEmbeddingSine, sine_embedding_1d
+from masklet.model.hiera import Hiera
+from masklet.model.image_encoder import FpnNeck, ImageEncoder
+from masklet.model.position_encoding import PositionEmbeddingSine, sine_embedding_1d
 
 sam2_hieradet = pytest.importorskip("sam2.modeling.backbones.hieradet")
 from sam2.modeling.backbones import image_encoder as sam2_image_encoder  # noqa: E402

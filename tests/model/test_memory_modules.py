@@ -18,11 +18,11 @@ from torch import nn
 omegaconf = pytest.importorskip("omegaconf")
 sam2 = pytest.importorskip("sam2")
 
-import model.attention
-import model.memory_attention
-import model.memory_encoder
-import model.position_encoding
-
+from masklet import model  # noqa: E402
+import masklet.model.attention  # noqa: F401 (binds model.<box> below)
+import masklet.model.memory_attention  # noqa: F401 (binds model.<box> below)
+import masklet.model.memory_encoder  # noqa: F401 (binds model.<box> below)
+import masklet.model.position_encoding  # noqa: F401 (binds model.<box> below)
 REL_TOL = 1e-5
 GRID = 16  # 256 px image / stride 16
 MEM_DIM = 64

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from model import MemoryBank, Prompt, available_models, build_model, segment_image
-from model.checkpoints import CheckpointMismatchError, load_state_dict_strict
+from masklet.model import MemoryBank, Prompt, available_models, build_model, segment_image
+from masklet.model.checkpoints import CheckpointMismatchError, load_state_dict_strict
 from oracle import (
     CONFIG_FILES, build_official_video_predictor, compare_logits, install_torchvision_shim, ours_from, read_clip,
 )

@@ -18,10 +18,10 @@ from sam2.modeling.sam.transformer import Attention as RefAttention
 from sam2.modeling.sam.transformer import RoPEAttention as RefRoPEAttention
 from sam2.modeling.sam.transformer import TwoWayTransformer as RefTwoWayTransformer
 
-from model.attention import Attention, RoPEAttention
-from model.mask_decoder import MaskDecoder
-from model.prompt_encoder import PromptEncoder
-from model.two_way_transformer import TwoWayTransformer
+from masklet.model.attention import Attention, RoPEAttention
+from masklet.model.mask_decoder import MaskDecoder
+from masklet.model.prompt_encoder import PromptEncoder
+from masklet.model.two_way_transformer import TwoWayTransformer
 
 REL_TOL = 1e-5
 BACKBONE_STRIDE = 16

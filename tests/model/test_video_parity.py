@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from model import Prompt
+from masklet.model import Prompt
 from oracle import (
     build_official_video_predictor, compare_logits, official_state, ours_from, propagate, read_clip,
 )

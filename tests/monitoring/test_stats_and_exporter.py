@@ -12,8 +12,8 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from monitoring.exporter import CONTENT_TYPE_LATEST, gather_actor_snapshots, render_latest, start_metrics_server
-from monitoring.stats import (
+from masklet.monitoring.exporter import CONTENT_TYPE_LATEST, gather_actor_snapshots, render_latest, start_metrics_server
+from masklet.monitoring.stats import (
     METRICS,
     STAGES,
     Stats,
@@ -126,7 +126,7 @@ def test_invalid_use_raises_clear_value_error(call, message):
 
 
 def test_label_cardinality_is_capped():
-    from monitoring.stats import MAX_SERIES_PER_METRIC, OVERFLOW_LABEL_VALUE
+    from masklet.monitoring.stats import MAX_SERIES_PER_METRIC, OVERFLOW_LABEL_VALUE
     stats = Stats()
     for i in range(MAX_SERIES_PER_METRIC + 10):
         stats.inc("masklet_deadletter_total", reason=f"reason-{i}")

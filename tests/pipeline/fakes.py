@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from model.types import FrameEmbedding, MaskResult, Prompt
+from masklet.model.types import FrameEmbedding, MaskResult, Prompt
 
 
 class FakeModel(torch.nn.Module):
@@ -167,7 +167,7 @@ class FakeSource:
         self.is_live = False
 
     def frames(self) -> Iterator[FakeFrame]:
-        from pipeline.sources import SourceError
+        from masklet.actors.sources import SourceError
 
         for i, rgb in enumerate(self.rgb):
             if self.fail_at is not None and i == self.fail_at:

@@ -22,12 +22,12 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
-from actors.common import ModelSpec, StreamInfo
-from model.config import get_config
-from model.types import Prompt
-from pipeline.backend import InProcessBackend
-from pipeline.engine import Engine, EngineConfig, StreamSpec
-from pipeline.sources import DecodedFrame
+from masklet.actors.payloads import ModelSpec, StreamInfo
+from masklet.model.config import get_config
+from masklet.model.types import Prompt
+from masklet.actors.backend import InProcessBackend
+from masklet.pipeline.engine import Engine, EngineConfig, StreamSpec
+from masklet.actors.sources import DecodedFrame
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
 from oracle import (  # noqa: E402 - needs the path above

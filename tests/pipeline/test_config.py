@@ -1,6 +1,6 @@
 import pytest
 
-from pipeline.config import DEFAULT_MAX_PIXELS, ConfigError, MaskletSettings, load_settings
+from masklet.pipeline.config import DEFAULT_MAX_PIXELS, ConfigError, MaskletSettings, load_settings
 
 
 @pytest.fixture(autouse=True)

@@ -5,9 +5,9 @@ import socket
 
 import av
 
-import model.checkpoints as checkpoints
-from pipeline import demo
-from pipeline.sinks import read_jsonl_records
+import masklet.model.checkpoints as checkpoints
+from masklet.deploy import demo
+from masklet.actors.sinks import read_jsonl_records
 
 
 def _closed_port() -> int:

@@ -6,12 +6,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
-from actors.common import ModelSpec, StreamInfo
-from model.types import Prompt
-from pipeline.backend import ActorDiedError, InProcessBackend
-from pipeline.batching import BoundedQueue, DynamicBatcher, OverflowPolicy, QueueFull
-from pipeline.engine import Engine, EngineConfig, StreamSpec
-from pipeline.rle import decode_rle
+from masklet.actors.payloads import ModelSpec, StreamInfo
+from masklet.model.types import Prompt
+from masklet.actors.backend import ActorDiedError, InProcessBackend
+from masklet.pipeline.batching import BoundedQueue, DynamicBatcher, OverflowPolicy, QueueFull
+from masklet.pipeline.engine import Engine, EngineConfig, StreamSpec
+from masklet.actors.rle import decode_rle
 from tests.pipeline.fakes import FakeModel, FakeSource, fake_opener, synthetic_frames
 
 FAKE = ModelSpec(name="fake", image_size=64, factory="tests.pipeline.fakes:build_fake_model")

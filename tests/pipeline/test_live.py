@@ -4,13 +4,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from actors.common import EmbeddingPayload, ModelSpec
-from model.types import Prompt
-from monitoring.stats import frames_reconcile
-from pipeline.backend import InProcessBackend
-from pipeline.live import LiveConfig, LiveSession, PromptRejected
-from pipeline.messages import PromptMessage
-from pipeline.rle import decode_rle
+from masklet.actors.payloads import EmbeddingPayload, ModelSpec
+from masklet.model.types import Prompt
+from masklet.monitoring.stats import frames_reconcile
+from masklet.actors.backend import InProcessBackend
+from masklet.pipeline.live import LiveConfig, LiveSession, PromptRejected
+from masklet.actors.messages import PromptMessage
+from masklet.actors.rle import decode_rle
 from tests.pipeline.fakes import FakeModel, synthetic_frames
 
 FAKE = ModelSpec(name="fake", image_size=64, factory="tests.pipeline.fakes:build_fake_model")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
 
-from pipeline.messages import (
+from masklet.actors.messages import (
     DeadLetter,
     FrameHeaders,
     MaskletRecord,
@@ -13,7 +13,7 @@ from pipeline.messages import (
     PromptMessage,
     parse_message,
 )
-from pipeline.rle import RleError, decode_rle, encode_mask, encode_masks, mask_bbox, rle_area, rle_bbox
+from masklet.actors.rle import RleError, decode_rle, encode_mask, encode_masks, mask_bbox, rle_area, rle_bbox
 
 
 def _random_mask(seed, shape=(37, 53)):

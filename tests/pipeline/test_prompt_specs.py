@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.prompt_specs import (
+from masklet.deploy.prompt_specs import (
     ObjectPrompt,
     PromptSpecError,
     build_prompt_spec,

@@ -14,17 +14,17 @@ import numpy as np
 import pytest
 import ray
 
-from actors.common import ModelSpec
-from model import build_model
-from model.config import get_config
-from model.types import Prompt
-from pipeline.backend import InProcessBackend, RayBackend
-from pipeline.cli import main
-from pipeline.engine import Engine, EngineConfig, StreamSpec
-from pipeline.rle import decode_rle
-from pipeline.sinks import SegmentOutputs
-from pipeline.sinks import read_jsonl_records
-from pipeline.sources import open_source
+from masklet.actors.payloads import ModelSpec
+from masklet.model import build_model
+from masklet.model.config import get_config
+from masklet.model.types import Prompt
+from masklet.actors.backend import InProcessBackend, RayBackend
+from masklet.deploy.cli import main
+from masklet.pipeline.engine import Engine, EngineConfig, StreamSpec
+from masklet.actors.rle import decode_rle
+from masklet.actors.sinks import SegmentOutputs
+from masklet.actors.sinks import read_jsonl_records
+from masklet.actors.sources import open_source
 from tests.pipeline.fakes import fake_opener
 
 IMAGE_SIZE = 256
@@ -35,7 +35,7 @@ DELAY = get_config(MODEL.name, image_size=IMAGE_SIZE).max_obj_ptrs_in_encoder - 
 
 @pytest.fixture(scope="module")
 def ray_session():
-    from pipeline.backend import init_ray
+    from masklet.actors.backend import init_ray
 
     init_ray(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield

@@ -2,9 +2,9 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.messages import MaskletRecord, ObjectMask
-from pipeline.rle import encode_mask, rle_area, rle_bbox
-from pipeline.sinks import (
+from masklet.actors.messages import MaskletRecord, ObjectMask
+from masklet.actors.rle import encode_mask, rle_area, rle_bbox
+from masklet.actors.sinks import (
     AlphaMatteSink,
     FrameOutput,
     JsonlSink,
@@ -15,7 +15,7 @@ from pipeline.sinks import (
     logits_to_alpha,
     read_jsonl_records,
 )
-from pipeline.sources import open_source
+from masklet.actors.sources import open_source
 
 H, W = 36, 48
 
@@ -152,7 +152,7 @@ def test_publisher_and_decoder_processes_never_import_torch(tmp_path):
     import subprocess
     import sys
 
-    from pipeline.sinks import SegmentOutputs
+    from masklet.actors.sinks import SegmentOutputs
 
     payload = pickle.dumps(SegmentOutputs(str(tmp_path), soft_masks=False, preview=True))
     code = ("import pickle, sys; import actors.publisher, actors.decoder, pipeline.sources; "

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.sources import DecodedFrame, SourceError, decode_image_bytes, open_source
+from masklet.actors.sources import DecodedFrame, SourceError, decode_image_bytes, open_source
 
 
 def _first_frames(source, count):

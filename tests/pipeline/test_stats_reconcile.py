@@ -6,12 +6,12 @@ tests/kafka/test_kafka_lag.py.)
 """
 from __future__ import annotations
 
-from actors.common import ModelSpec, StreamInfo
-from model.types import Prompt
-from monitoring.stats import frames_reconcile, frames_unaccounted
-from pipeline.backend import InProcessBackend
-from pipeline.engine import Engine, EngineConfig, StreamSpec
-from pipeline.live import LiveConfig, LiveSession
+from masklet.actors.payloads import ModelSpec, StreamInfo
+from masklet.model.types import Prompt
+from masklet.monitoring.stats import frames_reconcile, frames_unaccounted
+from masklet.actors.backend import InProcessBackend
+from masklet.pipeline.engine import Engine, EngineConfig, StreamSpec
+from masklet.pipeline.live import LiveConfig, LiveSession
 from tests.pipeline.fakes import fake_opener, synthetic_frames
 
 FAKE = ModelSpec(name="fake", image_size=64, factory="tests.pipeline.fakes:build_fake_model")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import requests
 
-from monitoring.processes import descendant_pids
+from masklet.monitoring.processes import descendant_pids
 
 TOKEN = "test-token-0123456789"
 

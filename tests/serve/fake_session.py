@@ -10,10 +10,10 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from monitoring.stats import Stats
-from pipeline.live import LiveOutput, PromptRejected, StreamStatus
-from pipeline.messages import MaskletRecord, ObjectMask, PromptMessage
-from pipeline.rle import encode_mask, mask_bbox
+from masklet.monitoring.stats import Stats
+from masklet.pipeline.live import LiveOutput, PromptRejected, StreamStatus
+from masklet.actors.messages import MaskletRecord, ObjectMask, PromptMessage
+from masklet.actors.rle import encode_mask, mask_bbox
 
 DISC_RADIUS = 12
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deploy.api_runtime import SessionSlot
-from deploy.serve_app import create_app
-from pipeline.config import ServeSettings
+from masklet.deploy.api_runtime import SessionSlot
+from masklet.deploy.serve_app import create_app
+from masklet.pipeline.config import ServeSettings
 from tests.serve.conftest import TOKEN, Client, LoopbackServer, wait_for
 from tests.serve.fake_session import FakeLiveSession
 
@@ -187,7 +187,7 @@ def test_not_ready_while_the_model_loads_and_503_on_the_api():
 
 
 def test_not_ready_when_kafka_is_configured_but_unreachable(fake):
-    from pipeline.config import KafkaSettings
+    from masklet.pipeline.config import KafkaSettings
     from tests.serve.conftest import free_port
 
     kafka = KafkaSettings(bootstrap_servers=f"127.0.0.1:{free_port()}")

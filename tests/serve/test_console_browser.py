@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from deploy.serve_app import create_app
-from pipeline.config import ServeSettings
+from masklet.deploy.serve_app import create_app
+from masklet.pipeline.config import ServeSettings
 from tests.serve.conftest import TOKEN, Client, LoopbackServer, wait_for
 from tests.serve.live_fixtures import real_live_session
 

@@ -14,7 +14,7 @@ def ray_serve():
     from ray import serve
 
     # No dashboard (its job API has no auth); only this test's local cluster.
-    from pipeline.backend import init_ray
+    from masklet.actors.backend import init_ray
 
     init_ray(include_dashboard=False, num_cpus=2, configure_logging=False, log_to_driver=False)
     port = free_port()
@@ -29,7 +29,7 @@ def ray_serve():
 def test_serve_app_answers_on_loopback(ray_serve, clip):
     from ray import serve
 
-    from deploy.serve_app import app
+    from masklet.deploy.serve_app import app
 
     options = {"checkpoint": "random", "image_size": 256, "device": "cpu", "token": TOKEN, "max_batch_size": 2}
     serve.run(app(options), name="masklet", route_prefix="/")
@@ -51,7 +51,7 @@ def test_every_server_of_the_ray_session_listens_on_loopback_only(ray_serve):
     """Ray's GCS, raylet, workers and agents, and Serve's proxy: nothing reachable from another machine."""
     from ray import serve
 
-    from deploy.serve_app import app
+    from masklet.deploy.serve_app import app
 
     options = {"checkpoint": "random", "image_size": 256, "device": "cpu", "token": TOKEN, "max_batch_size": 2}
     serve.run(app(options), name="masklet", route_prefix="/")

@@ -18,11 +18,11 @@ import av
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.messages import MaskletRecord
-from pipeline.rle import decode_rle
+from masklet.actors.messages import MaskletRecord
+from masklet.actors.rle import decode_rle
 
 if TYPE_CHECKING:
-    from actors.common import StreamInfo
+    from masklet.actors.payloads import StreamInfo
 
 # Distinct, saturated colours; object ids index into this cyclically.
 PALETTE = np.array(

@@ -76,7 +76,7 @@ def generate_clip(path: Path, num_frames: int = CLIP_FRAMES, width: int = CLIP_W
 
 
 def _frame_centre(path: str) -> tuple[int, int]:
-    from pipeline.sources import open_source
+    from masklet.actors.sources import open_source
 
     with open_source(path, max_frames=1) as source:
         return source.width // 2, source.height // 2
@@ -91,7 +91,7 @@ def fetch_official_checkpoint() -> Path:
     Done up front, with a single retry, so that an offline machine is detected in about a second
     instead of inside the segment job after the full retry back-off.
     """
-    from model.checkpoints import download_checkpoint
+    from masklet.model.checkpoints import download_checkpoint
 
     return download_checkpoint(DEMO_MODEL, retries=1)
 
@@ -115,8 +115,8 @@ def _describe_outputs(folder: Path) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from model.checkpoints import CheckpointDownloadError
-    from pipeline.cli import main as masklet_main
+    from masklet.model.checkpoints import CheckpointDownloadError
+    from masklet.deploy.cli import main as masklet_main
 
     parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from actors.common import ModelSpec
-from model.types import Prompt
-from pipeline.engine import Engine, EngineConfig, EngineEvent, StreamOutcome, StreamSpec
-from pipeline.sinks import SegmentOutputs
+from masklet.actors.payloads import ModelSpec
+from masklet.model.types import Prompt
+from masklet.pipeline.engine import Engine, EngineConfig, EngineEvent, StreamOutcome, StreamSpec
+from masklet.actors.sinks import SegmentOutputs
 
 RANDOM_WEIGHTS_WARNING = (
     "WARNING: --checkpoint random: the model has RANDOM WEIGHTS. The masks are MEANINGLESS; "
@@ -66,10 +66,10 @@ def _stream_ids(inputs: Sequence[str]) -> list[str]:
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from model.checkpoints import CheckpointError, resolve_checkpoint
-    from pipeline.config import ConfigError, load_settings
-    from pipeline.prompt_specs import PromptSpecError, build_prompt_spec
-    from pipeline.sources import open_source
+    from masklet.model.checkpoints import CheckpointError, resolve_checkpoint
+    from masklet.pipeline.config import ConfigError, load_settings
+    from masklet.deploy.prompt_specs import PromptSpecError, build_prompt_spec
+    from masklet.actors.sources import open_source
 
     try:
         settings = load_settings(args.config, model={"name": args.model, "checkpoint": args.checkpoint,
@@ -123,15 +123,15 @@ def engine_config_for(model: ModelSpec, ps: Any, *, soft_masks: bool, gpu: bool)
 
 def backward_delay_for(model: ModelSpec) -> int:
     """Forward frames after the first prompt that seed the backward tracker's memory."""
-    if model.factory != "model:build_model":
+    if model.factory != "masklet.model:build_model":
         return 0
-    from model.config import get_config
+    from masklet.model.config import get_config
 
     return get_config(model.name, image_size=model.image_size).max_obj_ptrs_in_encoder - 1
 
 
 def _make_backend(kind: str):
-    from pipeline.backend import InProcessBackend, RayBackend
+    from masklet.actors.backend import InProcessBackend, RayBackend
 
     return InProcessBackend() if kind == "inprocess" else RayBackend()
 

@@ -16,7 +16,12 @@ import av
 import numpy as np
 from PIL import Image, ImageOps
 
-from pipeline.config import DEFAULT_MAX_PIXELS
+# DCI 4K (4096x2160, ~8.8 MP) covers every mainstream camera and archive format, UHD and
+# portrait (rotated) variants included. One RGB frame at the cap is ~26.5 MB, so a full
+# 64-frame queue stays under ~1.7 GB per stream; anything larger (8K, image bombs) is
+# refused at decode time instead of exhausting host memory.
+DEFAULT_MAX_PIXELS = 4096 * 2160
+
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "udp", "srt")

@@ -22,7 +22,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-    from model.types import FrameEmbedding
+    from masklet.model.types import FrameEmbedding
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,7 @@ class ModelSpec:
     checkpoint: str | None = None  # None: random weights; otherwise a local file path
     image_size: int = 1024
     device: str = "cpu"
-    factory: str = "model:build_model"  # "module:function"; tests point this at a fake
+    factory: str = "masklet.model:build_model"  # "module:function"; tests point this at a fake
     seed: int = 0
 
     def build(self, with_image_encoder: bool = True) -> Any:
@@ -72,7 +72,7 @@ def tracker_class(model: Any) -> Any:
     cls = getattr(model, "tracker_class", None)
     if cls is not None:
         return cls
-    from model import ObjectTracker  # the real model package
+    from masklet.model import ObjectTracker  # the real model package
 
     return ObjectTracker
 
@@ -104,7 +104,7 @@ class EmbeddingPayload:
     def to_embedding(self, device: str | torch.device = "cpu") -> FrameEmbedding:
         import torch
 
-        from model.types import FrameEmbedding
+        from masklet.model.types import FrameEmbedding
 
         with warnings.catch_warnings():
             # Object-store arrays are read-only; the trackers never write into their inputs.

@@ -45,8 +45,8 @@ def _connection_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _settings(args: argparse.Namespace):
-    from pipeline.config import load_settings
-    from pipeline.kafka.client import settings_from
+    from masklet.pipeline.config import load_settings
+    from masklet.pipeline.kafka.client import settings_from
 
     settings = load_settings(args.config)
     return settings, settings_from(args.bootstrap_servers, settings.kafka)
@@ -60,16 +60,16 @@ def _quiet_kafka_logs(verbose: bool) -> None:
 
 
 def run_broker(args: argparse.Namespace) -> int:
-    from pipeline.kafka.broker import serve_forever
+    from masklet.pipeline.kafka.broker import serve_forever
 
     return serve_forever(args.host, args.port)
 
 
 def run_ingest(args: argparse.Namespace) -> int:
-    from monitoring.stats import Stats
-    from pipeline.config import ConfigError
-    from pipeline.kafka.ingest import ReconnectPolicy, ingest
-    from pipeline.sources import SourceError
+    from masklet.monitoring.stats import Stats
+    from masklet.pipeline.config import ConfigError
+    from masklet.pipeline.kafka.ingest import ReconnectPolicy, ingest
+    from masklet.actors.sources import SourceError
 
     _quiet_kafka_logs(args.verbose)
     try:
@@ -87,9 +87,9 @@ def run_ingest(args: argparse.Namespace) -> int:
 
 
 def run_prompt(args: argparse.Namespace) -> int:
-    from pipeline.config import ConfigError
-    from pipeline.kafka.prompts import build_prompt, publish_prompt
-    from pipeline.messages import MessageError
+    from masklet.pipeline.config import ConfigError
+    from masklet.pipeline.kafka.prompts import build_prompt, publish_prompt
+    from masklet.actors.messages import MessageError
 
     _quiet_kafka_logs(args.verbose)
     try:
@@ -113,14 +113,14 @@ def run_run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from actors.common import ModelSpec
-    from model.checkpoints import CheckpointError, resolve_checkpoint
-    from pipeline.backend import InProcessBackend, RayBackend
-    from pipeline.config import ConfigError, load_settings
-    from pipeline.kafka.client import settings_from
-    from pipeline.kafka.run import KafkaRunner
-    from pipeline.live import LiveConfig
-    from pipeline.segment import RANDOM_WEIGHTS_WARNING
+    from masklet.actors.payloads import ModelSpec
+    from masklet.model.checkpoints import CheckpointError, resolve_checkpoint
+    from masklet.actors.backend import InProcessBackend, RayBackend
+    from masklet.pipeline.config import ConfigError, load_settings
+    from masklet.pipeline.kafka.client import settings_from
+    from masklet.pipeline.kafka.run import KafkaRunner
+    from masklet.pipeline.live import LiveConfig
+    from masklet.deploy.segment import RANDOM_WEIGHTS_WARNING
 
     _quiet_kafka_logs(args.verbose)
     try:

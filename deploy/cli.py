@@ -11,10 +11,10 @@ import sys
 from typing import Any, Sequence
 
 COMMANDS = [
-    "pipeline.segment",
-    "pipeline.cli",  # models
-    "pipeline.kafka.cli",  # broker, ingest, prompt
-    "deploy.serve_cli",  # serve
+    "masklet.deploy.segment",
+    "masklet.deploy.cli",  # models
+    "masklet.deploy.kafka_cli",  # broker, ingest, prompt
+    "masklet.deploy.serve_cli",  # serve
 ]
 
 
@@ -47,8 +47,8 @@ def register(subparsers: Any) -> None:
 
 
 def run_models(args: argparse.Namespace) -> int:
-    from model import available_models
-    from model.checkpoints import CheckpointError, checkpoint_url, default_cache_dir, download_checkpoint
+    from masklet.model import available_models
+    from masklet.model.checkpoints import CheckpointError, checkpoint_url, default_cache_dir, download_checkpoint
 
     names = list(available_models())
     if args.download:
