@@ -17,6 +17,13 @@ PROMPT_SCHEMA = "prompt/v1"
 MASKLET_SCHEMA = "masklet/v1"
 DEADLETTER_SCHEMA = "deadletter/v1"
 
+# Deepest JSON nesting a message may have (prompt/v1 needs 3: object, points, point). Python's
+# json module recurses per level and raises RecursionError near 1,000, which is no reason a
+# consumer should ever see: deeper documents are refused with one line.
+MAX_JSON_DEPTH = 32
+# Frame and object indices stay exact in every JSON reader (JavaScript's Number.MAX_SAFE_INTEGER).
+MAX_SAFE_INT = 2**53 - 1
+
 ImageContentType = Literal["image/jpeg", "image/png"]
 KafkaHeaders = list[tuple[str, bytes]]
 
@@ -25,11 +32,15 @@ class MessageError(ValueError):
     """A message could not be parsed or validated; the message is one user-facing line."""
 
 
-def _describe(exc: ValidationError) -> str:
+def _describe(exc: ValidationError, shown: int = 5) -> str:
+    """The first `shown` problems, one line: a record with 100,000 bad points is one short line too."""
+    errors = exc.errors(include_url=False)
     problems = []
-    for error in exc.errors(include_url=False):
+    for error in errors[:shown]:
         location = ".".join(str(part) for part in error["loc"]) or "(message)"
         problems.append(f"{location}: {error['msg'].removeprefix('Value error, ')}")
+    if len(errors) > shown:
+        problems.append(f"and {len(errors) - shown} more")
     return "; ".join(problems)
 
 
@@ -42,8 +53,8 @@ class _Message(BaseModel):
         return self.model_dump_json(by_alias=True).encode("utf-8")
 
     @classmethod
-    def from_json_bytes(cls, data: Union[bytes, bytearray, memoryview, str]):
-        payload = _load_json_object(data, cls.SCHEMA)
+    def from_json_bytes(cls, data: Union[bytes, bytearray, memoryview, str], *, max_depth: int = MAX_JSON_DEPTH):
+        payload = _load_json_object(data, cls.SCHEMA, max_depth)
         found = payload.get("schema")
         if found != cls.SCHEMA:
             raise MessageError(f"unsupported schema {found!r}: expected {cls.SCHEMA!r}")
@@ -53,16 +64,57 @@ class _Message(BaseModel):
             raise MessageError(f"invalid {cls.SCHEMA} message: {_describe(exc)}") from None
 
 
-def _load_json_object(data: Union[bytes, bytearray, memoryview, str], expected: str) -> dict[str, Any]:
-    try:
-        payload = json.loads(bytes(data) if not isinstance(data, str) else data)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise MessageError(f"{expected} message is not valid JSON: {exc}") from None
+def _load_json_object(data: Union[bytes, bytearray, memoryview, str], expected: str,
+                      max_depth: int = MAX_JSON_DEPTH) -> dict[str, Any]:
+    payload = load_json(data, max_depth, what=f"{expected} message")
     if not isinstance(payload, dict):
         raise MessageError(f"{expected} message must be a JSON object, got {type(payload).__name__}")
     if "schema" not in payload:
         raise MessageError(f'{expected} message has no "schema" field')
     return payload
+
+
+def load_json(data: Union[bytes, bytearray, memoryview, str], max_depth: int = MAX_JSON_DEPTH, *,
+              what: str = "JSON document") -> Any:
+    """json.loads with every failure as one MessageError line, nesting limited to `max_depth`."""
+    try:
+        payload = json.loads(bytes(data) if not isinstance(data, str) else data)
+    except RecursionError:
+        raise MessageError(f"{what} is nested deeper than {max_depth} levels") from None
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise MessageError(f"{what} is not valid JSON: {exc}") from None
+    check_nesting(payload, max_depth, what)
+    return payload
+
+
+def nesting_depth(value: Any, limit: int) -> int:
+    """Depth of nested lists/dicts/tuples (a scalar is 0), counted without recursion; stops past `limit`.
+
+    Shared sub-structures (YAML aliases) are walked again at each place they appear; callers
+    that parse YAML refuse aliases before this runs.
+    """
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            children: Any = item.values()
+        elif isinstance(item, (list, tuple)):
+            children = item
+        else:
+            continue
+        depth += 1
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                return deepest
+        stack.extend((child, depth) for child in children if isinstance(child, (dict, list, tuple)))
+    return deepest
+
+
+def check_nesting(value: Any, max_depth: int, what: str = "document") -> None:
+    if nesting_depth(value, max_depth) > max_depth:
+        raise MessageError(f"{what} is nested deeper than {max_depth} levels")
 
 
 class CocoRle(BaseModel):
@@ -85,7 +137,7 @@ class FrameHeaders(_Message):
 
     SCHEMA: ClassVar[str] = FRAME_SCHEMA
     schema_version: Literal["frame/v1"] = Field(FRAME_SCHEMA, alias="schema")
-    frame_idx: int = Field(ge=0)
+    frame_idx: int = Field(ge=0, le=MAX_SAFE_INT)
     pts: float
     content_type: ImageContentType
 
@@ -131,8 +183,8 @@ class PromptMessage(_Message):
     SCHEMA: ClassVar[str] = PROMPT_SCHEMA
     schema_version: Literal["prompt/v1"] = Field(PROMPT_SCHEMA, alias="schema")
     stream_id: str = Field(min_length=1, max_length=256)
-    object_id: int = Field(ge=0)
-    frame_idx: int = Field(ge=0)
+    object_id: int = Field(ge=0, le=MAX_SAFE_INT)
+    frame_idx: int = Field(ge=0, le=MAX_SAFE_INT)
     action: Literal["add", "refine", "remove"]
     points: list[Point] = Field(default_factory=list)
     labels: list[int] = Field(default_factory=list)
@@ -198,6 +250,11 @@ class MaskletRecord(_Message):
     height: int = Field(gt=0)
     model: str
     dropped_frames_since_last: int = Field(0, ge=0)
+    # Frames of this stream that never arrived (gaps in frame_idx, e.g. lost by a broker) since the last record.
+    lost_frames_since_last: int = Field(0, ge=0)
+    # 0 for the first record of a frame; a later prompt that changes an already published frame
+    # republishes it with a higher revision. Consumers keep the highest per (stream_id, frame_idx).
+    revision: int = Field(0, ge=0)
     objects: list[ObjectMask] = Field(default_factory=list)
 
     @model_validator(mode="after")
@@ -265,9 +322,10 @@ _BY_SCHEMA: dict[str, type[_Message]] = {
 }
 
 
-def parse_message(data: Union[bytes, bytearray, memoryview, str]) -> Union[PromptMessage, MaskletRecord, DeadLetter]:
+def parse_message(data: Union[bytes, bytearray, memoryview, str], *,
+                  max_depth: int = MAX_JSON_DEPTH) -> Union[PromptMessage, MaskletRecord, DeadLetter]:
     """Parse any JSON message by its `schema` field."""
-    payload = _load_json_object(data, "JSON")
+    payload = _load_json_object(data, "JSON", max_depth)
     schema = payload["schema"]
     message_cls = _BY_SCHEMA.get(schema) if isinstance(schema, str) else None
     if message_cls is None:
