@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 from pycocotools import mask as coco_mask
@@ -10,6 +10,13 @@ from pycocotools import mask as coco_mask
 
 class RleError(ValueError):
     """A mask or RLE is malformed; the message says what is wrong."""
+
+
+# pycocotools' reader shifts 5-bit groups as C ints: a 7th character would overflow (undefined
+# behaviour), so runs have at most 6 characters (29 bits and a sign), and no mask may hold more
+# pixels than one such run can count. Real limits (the frame size) are far below this ceiling.
+_MAX_RUN_CHARS = 6
+MAX_RLE_PIXELS = 2**29 - 1
 
 
 def _as_binary_mask(mask: Any) -> np.ndarray:
@@ -47,35 +54,114 @@ def encode_masks(masks: Any) -> list[dict[str, Any]]:
     ]
 
 
-def _to_coco(rle: Mapping[str, Any]) -> dict[str, Any]:
-    """Validate a JSON RLE and convert it to the form pycocotools' C functions accept."""
+def _size_of(rle: Any) -> tuple[int, int]:
     if not isinstance(rle, Mapping) or "size" not in rle or "counts" not in rle:
         raise RleError('RLE must be a mapping with "size" and "counts"')
     size = rle["size"]
     if (
         not isinstance(size, Sequence)
+        or isinstance(size, (str, bytes))
         or len(size) != 2
         or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v > 0 for v in size)
     ):
-        raise RleError(f"RLE size must be [height, width] of positive integers, got {size!r}")
+        raise RleError(f"RLE size must be [height, width] of positive integers, got {_short(size)}")
     height, width = int(size[0]), int(size[1])
+    if height * width > MAX_RLE_PIXELS:
+        raise RleError(f"RLE size [{height}, {width}] is over {MAX_RLE_PIXELS} pixels")
+    return height, width
+
+
+def rle_size(rle: Mapping[str, Any]) -> tuple[int, int]:
+    """(height, width) of a JSON RLE, checked, without touching its counts: size checks go first."""
+    return _size_of(rle)
+
+
+def compressed_runs(counts: bytes) -> np.ndarray:
+    """The run lengths (int64 [M]) of COCO's compressed counts string, or RleError.
+
+    pycocotools' C reader (rleFrString) trusts its input: a string ending mid-number reads past
+    its end, characters outside '0'..'o' and negative runs turn into huge unsigned runs, and an
+    empty string "decodes" to uninitialised memory. So the string is decoded here first, in
+    numpy, with every one of those cases refused; only a string that passes reaches the C code.
+    Format: each run is 1..6 characters of 6 bits (value = char - 48); bit 0x20 says "more
+    follows", 5 bits of payload each, least significant first; bit 0x10 of the last character
+    is the sign; runs from the fourth on are stored as the difference to the run two before.
+    """
+    chars = np.frombuffer(counts, dtype=np.uint8).astype(np.int64) - 48
+    if chars.size == 0:
+        raise RleError("RLE counts are empty")
+    if chars.min() < 0 or chars.max() > 63:
+        raise RleError("RLE counts hold characters outside '0'..'o'")
+    last = (chars & 0x20) == 0
+    if not last[-1]:
+        raise RleError("RLE counts end in the middle of a run")
+    ends = np.flatnonzero(last)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    lengths = ends - starts + 1
+    if lengths.max() > _MAX_RUN_CHARS:
+        raise RleError(f"RLE counts hold a run of {int(lengths.max())} characters (at most {_MAX_RUN_CHARS})")
+    position = np.arange(chars.size) - np.repeat(starts, lengths)
+    values = np.add.reduceat((chars & 0x1F) << (5 * position), starts)
+    negative = (chars[ends] & 0x10) != 0
+    values = values - (negative.astype(np.int64) << (5 * lengths))
+    runs = values.copy()
+    # Delta coding from index 3 on: run[m] = value[m] + run[m - 2] (two chains, odd and even).
+    if runs.size > 3:
+        runs[3::2] = runs[1] + np.cumsum(values[3::2])
+    if runs.size > 4:
+        runs[4::2] = runs[2] + np.cumsum(values[4::2])
+    if runs.min() < 0:
+        raise RleError("RLE counts hold a negative run")
+    return runs
+
+
+def _to_coco(rle: Mapping[str, Any], expected_size: Optional[tuple[int, int]] = None,
+             max_pixels: Optional[int] = None) -> dict[str, Any]:
+    """Validate a JSON RLE and convert it to the form pycocotools' C functions accept.
+
+    The size is checked against `expected_size` / `max_pixels` before anything else, and the runs
+    must cover exactly height x width pixels: nothing malformed ever reaches pycocotools.
+    """
+    height, width = _size_of(rle)
+    if expected_size is not None and (height, width) != tuple(expected_size):
+        raise RleError(f"RLE size [{height}, {width}] != frame [{expected_size[0]}, {expected_size[1]}]")
+    if max_pixels is not None and height * width > max_pixels:
+        raise RleError(f"RLE size [{height}, {width}] is over {max_pixels} pixels")
     counts = rle["counts"]
     if isinstance(counts, str):
-        return {"size": [height, width], "counts": counts.encode("ascii")}
-    if isinstance(counts, bytes):
-        return {"size": [height, width], "counts": counts}
+        try:
+            raw = counts.encode("ascii")
+        except UnicodeEncodeError:
+            raise RleError("RLE counts must be ASCII (COCO compressed RLE)") from None
+        counts = raw
+    if isinstance(counts, (bytes, bytearray)):
+        runs = compressed_runs(bytes(counts))
+        if int(runs.sum()) != height * width:
+            raise RleError(f"RLE runs cover {int(runs.sum())} pixels, the mask has {height * width}")
+        return {"size": [height, width], "counts": bytes(counts)}
     if isinstance(counts, Sequence):
         # Uncompressed COCO RLE (list of run lengths): check the runs cover the mask exactly.
         runs = list(counts)
-        if not all(isinstance(v, (int, np.integer)) and v >= 0 for v in runs) or sum(runs) != height * width:
+        if (not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and 0 <= v < 2**31 for v in runs)
+                or sum(runs) != height * width):
             raise RleError(f"uncompressed RLE counts must be non-negative runs summing to {height * width}")
         return coco_mask.frPyObjects({"size": [height, width], "counts": runs}, height, width)
     raise RleError(f"RLE counts must be a string or a list of runs, got {type(counts).__name__}")
 
 
-def decode_rle(rle: Mapping[str, Any]) -> np.ndarray:
-    """Decode COCO RLE (compressed or uncompressed) to a boolean [H, W] mask."""
-    coco = _to_coco(rle)
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def decode_rle(rle: Mapping[str, Any], expected_size: Optional[tuple[int, int]] = None,
+               max_pixels: Optional[int] = None) -> np.ndarray:
+    """Decode COCO RLE (compressed or uncompressed) to a boolean [H, W] mask.
+
+    `expected_size` (height, width) and `max_pixels` are checked before any pixel is allocated;
+    every failure is an RleError.
+    """
+    coco = _to_coco(rle, expected_size, max_pixels)
     height, width = coco["size"]
     try:
         with warnings.catch_warnings():

@@ -155,6 +155,35 @@ class OutputHub:
                 pass
 
 
+def _check_local_source(source: str, local: str) -> None:
+    """A path the server can stat, as a 422 with the reason (never a 500: name too long, NUL byte...)."""
+    try:
+        found = Path(local).exists()
+    except (OSError, ValueError) as exc:
+        reason = getattr(exc, "strerror", None) or str(exc)
+        raise HTTPException(422, f"source {_short(source)}: cannot access ({reason})") from None
+    if not found:
+        raise HTTPException(422, f"source {_short(source)}: no such file or folder on the server")
+
+
+def _short(text: str, limit: int = 120) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+def _lag(session: Any, stream_id: str) -> int:
+    try:
+        return int(session.status(stream_id).lag_frames)
+    except (KeyError, ValueError):
+        return 0
+
+
+def _last_status_and_output(session: Any, stream_id: str) -> tuple[Any, Any]:
+    try:
+        return session.status(stream_id), session.latest(stream_id)
+    except (KeyError, ValueError):
+        return None, None
+
+
 def _put_drop_oldest(queue: asyncio.Queue, item: Any) -> None:
     if queue.full():
         queue.get_nowait()
@@ -187,8 +216,8 @@ class StreamRegistry:
         else:
             source = request.source or ""
             local = source.removeprefix("file://")
-            if "://" not in local and not Path(local).exists():
-                raise HTTPException(422, f"source {source!r}: no such file or folder on the server")
+            if "://" not in local:
+                _check_local_source(source, local)
             frames = source_frames(source, realtime=request.realtime, loop=request.loop,
                                    max_frames=request.max_frames, max_pixels=self.max_pixels, stats=self.stats)
             describe, source_type = source, source_type_of(source)
@@ -198,12 +227,40 @@ class StreamRegistry:
             if request.stream_id in self._closing:
                 raise HTTPException(409, f"stream {request.stream_id!r} is still closing; retry shortly",
                                     headers={"Retry-After": RETRY_AFTER_S})
-            if len(self._feeders) >= self.limits.max_streams:
+            if self._active_count() >= self.limits.max_streams:
                 raise unavailable(f"stream cap reached ({self.limits.max_streams} streams); delete one or retry later")
-            feeder = Feeder(session, request.stream_id, describe, frames, source_type=source_type)
+            self._forget_oldest_ended()
+            feeder = Feeder(session, request.stream_id, describe, frames, source_type=source_type,
+                            on_end=self._ended)
             self._feeders[request.stream_id] = feeder
             self._next_object_id[request.stream_id] = 1
         return feeder.start()
+
+    def _active_count(self) -> int:
+        """Streams holding a session slot: feeding, or ended and still draining out of the session.
+        Finished and failed streams leave the cap once the session has closed them."""
+        ended = {sid for sid, f in self._feeders.items() if f.status.state in ("finished", "failed")}
+        return len(set(self._feeders) - ended) + len(self._closing)
+
+    def _forget_oldest_ended(self) -> None:
+        # Ended streams stay listed for inspection, but no more of them than the stream cap.
+        ended = [sid for sid, f in self._feeders.items() if f.status.state in ("finished", "failed")
+                 and sid not in self._closing]
+        for sid in ended[: max(0, len(ended) - self.limits.max_streams)]:
+            self._feeders.pop(sid, None)
+            self._next_object_id.pop(sid, None)
+
+    def _ended(self, feeder: Feeder) -> None:
+        """A stream finished or failed: keep its last status and output, then leave the session."""
+        session = self.slot.session
+        if session is None or feeder.status.size is None:
+            return
+        with self._lock:
+            if self._feeders.get(feeder.stream_id) is not feeder:
+                return  # deleted meanwhile: delete() closes it
+            self._closing.add(feeder.stream_id)
+        threading.Thread(target=self._close, args=(session, feeder.stream_id, feeder), daemon=True,
+                         name=f"close-{feeder.stream_id}").start()
 
     def get(self, stream_id: str) -> Feeder:
         with self._lock:
@@ -220,11 +277,14 @@ class StreamRegistry:
         with self._lock:
             feeder = self._feeders.pop(stream_id, None)
             self._next_object_id.pop(stream_id, None)
+            already_closing = stream_id in self._closing
         if feeder is None:
             raise HTTPException(404, f"no stream {stream_id!r}")
         feeder.stop(timeout=2.0)  # bounded: a feeder stuck in a network read is a daemon and dies later
-        if feeder.status.size is None or self.slot.session is None:
+        if feeder.status.size is None or self.slot.session is None or already_closing:
             return
+        if feeder.status.state in ("finished", "failed") and feeder.status.last_status is not None:
+            return  # ended and already closed in the session
         with self._lock:
             self._closing.add(stream_id)
         # LiveSession.close_stream drains the stream's queued frames and may take seconds: off the
@@ -232,9 +292,16 @@ class StreamRegistry:
         threading.Thread(target=self._close, args=(self.slot.session, stream_id), daemon=True,
                          name=f"close-{stream_id}").start()
 
-    def _close(self, session: Any, stream_id: str) -> None:
+    def _close(self, session: Any, stream_id: str, ended: Optional[Feeder] = None, drain_s: float = 10.0) -> None:
         try:
-            session.close_stream(stream_id, timeout=10.0)
+            if ended is not None:
+                # Let the session publish what is queued, keep the final figures for GET /streams/{id},
+                # then free the session slot.
+                deadline = time.monotonic() + drain_s
+                while time.monotonic() < deadline and _lag(session, stream_id) > 0:
+                    time.sleep(0.05)
+                ended.status.last_status, ended.status.last_output = _last_status_and_output(session, stream_id)
+            session.close_stream(stream_id, timeout=drain_s)
         except (KeyError, ValueError):
             pass  # already closed by the session
         finally:

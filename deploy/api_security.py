@@ -5,12 +5,15 @@ a chunked upload off at the cap while it is still arriving, instead of after buf
 
 Order of checks: 401 before anything else (an anonymous caller learns nothing, not even which
 paths exist), then 503 when too many requests are in flight (fail fast, never queue), then 413
-for bodies over the cap.
+for bodies over the cap. Three classes of requests: /health/* (never refused, never counted: a
+liveness probe must answer under any load), SSE feeds (/streams/{id}/events, their own cap) and
+everything else (`max_in_flight`).
 """
 from __future__ import annotations
 
 import hmac
 import json
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable
@@ -25,6 +28,16 @@ RETRY_AFTER_S = 1
 # Console assets carry no data; the page asks for the token and sends it with every API call.
 DEFAULT_PUBLIC_PATHS = ("/health/live", "/health/ready", "/", "/console/index.html", "/console/app.js",
                         "/console/style.css", "/favicon.ico")
+
+
+EVENT_STREAM_PATH = re.compile(r"^/streams/[^/]+/events$")
+
+
+def request_class(path: str) -> str:
+    """"health", "events" (an SSE feed) or "request": each class has its own cap (or none)."""
+    if path.startswith("/health/"):
+        return "health"
+    return "events" if EVENT_STREAM_PATH.match(path) else "request"
 
 
 def generate_token() -> str:
@@ -47,11 +60,16 @@ async def send_json_error(send: Send, status: int, detail: str, headers: Iterabl
 
 @dataclass
 class ApiLimits:
-    """Limits read on every request, so Serve's `reconfigure` (user_config) can change them live."""
+    """Limits read on every request, so Serve's `reconfigure` (user_config) can change them live.
+
+    `max_in_flight` caps ordinary requests and `max_event_streams` the open SSE feeds, each on its
+    own: long-lived feeds never take the slots of other routes. /health/* has no cap at all.
+    """
 
     max_body_bytes: int
     max_streams: int
-    max_in_flight: int = 64
+    max_in_flight: int = 40
+    max_event_streams: int = 16
 
 
 class BodyTooLarge(HTTPException):
@@ -71,6 +89,7 @@ class GuardMiddleware:
         self.limits = limits
         self.public_paths = frozenset(public_paths)
         self.in_flight = 0  # one event loop per process: no lock needed
+        self.events_open = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -81,7 +100,12 @@ class GuardMiddleware:
             await send_json_error(send, 401, "missing or invalid bearer token (Authorization: Bearer <token>)",
                                   [("www-authenticate", 'Bearer realm="masklet"')])
             return
-        if self.in_flight >= self.limits.max_in_flight:
+        kind = request_class(scope["path"])
+        if kind == "events" and self.events_open >= self.limits.max_event_streams:
+            await send_json_error(send, 503, f"too many event streams open ({self.events_open}); retry later",
+                                  [("retry-after", str(RETRY_AFTER_S))])
+            return
+        if kind == "request" and self.in_flight >= self.limits.max_in_flight:
             await send_json_error(send, 503, f"server busy ({self.in_flight} requests in flight); retry shortly",
                                   [("retry-after", str(RETRY_AFTER_S))])
             return
@@ -89,11 +113,17 @@ class GuardMiddleware:
         if declared is not None and (not declared.isdigit() or int(declared) > self.limits.max_body_bytes):
             await send_json_error(send, 413, f"request body over the {self.limits.max_body_bytes}-byte limit")
             return
-        self.in_flight += 1
+        self._count(kind, +1)
         try:
             await self._guarded(scope, receive, send)
         finally:
-            self.in_flight -= 1
+            self._count(kind, -1)
+
+    def _count(self, kind: str, step: int) -> None:
+        if kind == "events":
+            self.events_open += step
+        elif kind == "request":
+            self.in_flight += step
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send) -> None:
         received = 0

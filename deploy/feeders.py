@@ -37,6 +37,10 @@ class FeederState:
     error: Optional[str] = None
     frames_fed: int = 0
     size: Optional[tuple[int, int]] = None  # (width, height) once the first frame arrived
+    # Kept when the stream ends and leaves the LiveSession, so it stays inspectable without holding
+    # a session slot: the session's last StreamStatus and LiveOutput of the stream.
+    last_status: Any = None
+    last_output: Any = None
 
 
 @dataclass(frozen=True)
@@ -51,8 +55,10 @@ class Feeder:
     """Runs `frames()` on a daemon thread and hands each frame to `session.submit_frame`."""
 
     def __init__(self, session: Any, stream_id: str, describe: str,
-                 frames: Callable[[threading.Event], Iterator[FeedFrame]], *, source_type: str = "live") -> None:
+                 frames: Callable[[threading.Event], Iterator[FeedFrame]], *, source_type: str = "live",
+                 on_end: Optional[Callable[["Feeder"], None]] = None) -> None:
         self.session = session
+        self.on_end = on_end  # called once the stream finished or failed (not when stopped)
         self.source_type = source_type
         self.stream_id = stream_id
         self.describe = describe
@@ -92,6 +98,11 @@ class Feeder:
             log.warning("stream %s (%s) failed: %s", self.stream_id, self.describe, exc)
             self.status.state = "failed"
             self.status.error = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if self.on_end is not None and self.status.state in ("finished", "failed"):
+            try:
+                self.on_end(self)
+            except Exception:  # noqa: BLE001 - bookkeeping must not turn into a thread traceback
+                log.exception("stream %s: end-of-stream hook failed", self.stream_id)
 
 
 def source_frames(uri: str, *, realtime: bool, loop: bool, max_frames: Optional[int],

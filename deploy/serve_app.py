@@ -27,32 +27,48 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from masklet.deploy.api_models import AddObject, CreateStream, Health, ObjectAccepted, RefineObject, StreamDetail, StreamSummary
 from masklet.deploy.api_runtime import KafkaProbe, OutputHub, SessionSlot, StreamRegistry
+from masklet.deploy.api_limits import (deployment_limits, in_flight_cap, replica_max_ongoing_requests,
+                                       settings_from_options)
 from masklet.deploy.api_security import ApiLimits, GuardMiddleware, generate_token
-from masklet.pipeline.config import KafkaSettings, ServeSettings
+from masklet.actors.messages import MessageError
+from masklet.actors.prompt_limits import PromptLimitError, check_object_count, prompt_to_model
+from masklet.actors.rle import RleError
+from masklet.actors.sources import SourceError
+from masklet.pipeline.config import KafkaSettings, LimitsSettings, ServeSettings
 from masklet.pipeline.live import PromptRejected
 
 log = logging.getLogger(__name__)
 
 CONSOLE_DIR = Path(__file__).resolve().parent / "console"
+
 SSE_HEARTBEAT_S = 15.0
 
 
 def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token: Optional[str] = None,
-               kafka: Optional[KafkaSettings] = None, max_in_flight: int = 64) -> FastAPI:
+               kafka: Optional[KafkaSettings] = None, limits: Optional[LimitsSettings] = None,
+               max_in_flight: Optional[int] = None) -> FastAPI:
     """The API over `session` (a LiveSession, or a SessionSlot whose session is still loading).
 
     The app owns `session.poll()` (it fans records out to /events); `token` defaults to the
     settings' api_token. Kafka-sourced streams and the Kafka readiness check need `kafka`.
+    `limits` (settings.limits) bound prompts, objects, SSE feeds and requests in flight;
+    `max_in_flight` caps ordinary requests (default: deploy/serve_config.yaml's max_ongoing_requests
+    less the SSE feeds and the /health reserve, see `in_flight_cap`).
     """
     settings = settings or ServeSettings()
+    limits_settings = limits or LimitsSettings()
+    input_limits = limits_settings.input_limits()
     token = token or (settings.api_token.get_secret_value() if settings.api_token else None)
     if not token:
         raise ValueError("create_app needs a bearer token (settings.api_token or token=)")
     slot = session if isinstance(session, SessionSlot) else SessionSlot(session)
+    if max_in_flight is None:
+        max_in_flight = in_flight_cap(deployment_limits()["max_ongoing_requests"], limits_settings.max_event_streams)
     limits = ApiLimits(max_body_bytes=settings.max_body_bytes, max_streams=settings.max_streams,
-                       max_in_flight=max_in_flight)
+                       max_in_flight=max_in_flight,
+                       max_event_streams=limits_settings.max_event_streams)
     registry = StreamRegistry(slot, limits=limits, kafka=kafka)
-    hub = OutputHub()
+    hub = OutputHub(max_subscribers=limits_settings.max_event_streams)
     kafka_probe = KafkaProbe(kafka) if kafka is not None else None
 
     @contextlib.asynccontextmanager
@@ -74,7 +90,20 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
         for error in exc.errors():
             where = ".".join(str(p) for p in error.get("loc", ()) if p != "body") or "body"
             problems.append(f"{where}: {str(error.get('msg', '')).removeprefix('Value error, ')}")
-        return JSONResponse({"detail": "; ".join(problems)}, status_code=422)
+        return JSONResponse({"detail": "; ".join(problems[:5])}, status_code=422)
+
+    # Input errors found past the body model (RLE, prompt limits, unreadable sources, a body nested
+    # so deep that the JSON parser recursed out) are the caller's: 422 with one line, never a 500.
+    @app.exception_handler(PromptLimitError)
+    @app.exception_handler(MessageError)
+    @app.exception_handler(RleError)
+    @app.exception_handler(SourceError)
+    async def _input_error_422(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": str(exc).splitlines()[0][:500]}, status_code=422)
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep_422(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse({"detail": "body is nested too deeply"}, status_code=422)
 
     # -- console, schema, health, metrics ------------------------------------------------------
 
@@ -93,7 +122,7 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
         return JSONResponse(app.openapi())
 
     @app.get("/health/live", response_model=Health)
-    def health_live() -> Health:
+    async def health_live() -> Health:  # on the event loop: no worker thread to wait for under load
         return Health(status="ok", ready=slot.state == "ready")
 
     @app.get("/health/ready", response_model=Health, responses={503: {"model": Health}})
@@ -161,12 +190,22 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
         session = slot.require()
         if feeder.status.size is None:
             raise HTTPException(409, f"stream {stream_id!r} has no frames yet; retry once it is running")
+        if feeder.status.state in ("finished", "failed"):
+            raise HTTPException(409, f"stream {stream_id!r} has {feeder.status.state}")
         frame_idx = body.frame_idx if body is not None and body.frame_idx is not None else _latest_idx(session, stream_id)
         if body is None:
             from masklet.actors.messages import PromptMessage
             message = PromptMessage(stream_id=stream_id, object_id=object_id, frame_idx=frame_idx, action=action)
         else:
             message = body.to_prompt(stream_id, object_id, frame_idx, action)
+        if action != "remove":
+            width, height = feeder.status.size
+            prompt_to_model(message, height, width, input_limits)  # every check, before the session sees it
+        if action == "add":
+            try:
+                check_object_count(object_id, _objects_of(slot, feeder), _objects_of_all(slot, registry), input_limits)
+            except PromptLimitError as exc:
+                raise HTTPException(409, str(exc)) from None
         try:
             session.submit_prompt(message)
         except PromptRejected as exc:
@@ -194,8 +233,7 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
     @app.get("/streams/{stream_id}/frame.png", response_class=Response,
              responses={200: {"content": {"image/png": {}}}, 204: {"description": "no frame published yet"}})
     def frame_png(stream_id: str) -> Response:
-        registry.get(stream_id)
-        output = _latest(slot, stream_id)
+        output = _latest(slot, registry.get(stream_id))
         if output is None:
             return Response(status_code=204, headers={"Retry-After": "1"})
         png = _overlay_png(output)
@@ -204,8 +242,7 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
 
     @app.get("/streams/{stream_id}/masklet", responses={204: {"description": "no record published yet"}})
     def masklet(stream_id: str) -> Response:
-        registry.get(stream_id)
-        output = _latest(slot, stream_id)
+        output = _latest(slot, registry.get(stream_id))
         if output is None:
             return Response(status_code=204, headers={"Retry-After": "1"})
         return Response(output.record.to_json_bytes(), media_type="application/json",
@@ -236,6 +273,15 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
     return app
 
 
+def _objects_of(slot: SessionSlot, feeder: Any) -> set[int]:
+    status = _session_status(slot, feeder)
+    return set(status.objects) if status is not None else set()
+
+
+def _objects_of_all(slot: SessionSlot, registry: StreamRegistry) -> int:
+    return sum(len(_objects_of(slot, f)) for f in registry.all() if f.status.state not in ("finished", "failed"))
+
+
 def _state(feeder: Any) -> str:
     return {"starting": "running"}.get(feeder.status.state, feeder.status.state)
 
@@ -246,15 +292,15 @@ def _session_status(slot: SessionSlot, feeder: Any) -> Any:
     try:
         return slot.session.status(feeder.stream_id)
     except (KeyError, ValueError):
-        return None
+        return feeder.status.last_status  # ended and closed: its final figures
 
 
-def _latest(slot: SessionSlot, stream_id: str) -> Any:
+def _latest(slot: SessionSlot, feeder: Any) -> Any:
     session = slot.require()
     try:
-        return session.latest(stream_id)
+        return session.latest(feeder.stream_id)
     except (KeyError, ValueError):
-        return None
+        return feeder.status.last_output
 
 
 def _latest_idx(session: Any, stream_id: str) -> int:
@@ -292,10 +338,10 @@ def _serve_deployment() -> Any:
         """
 
         def __init__(self, options: Optional[dict] = None) -> None:
-            from masklet.pipeline.config import load_settings
-
             options = dict(options or {})
-            self.settings = load_settings(options.pop("config", None))
+            self.settings = settings_from_options(options)
+            options.pop("config", None)
+            options.pop("limits", None)
             token = options.pop("token", None) or os.environ.get("MASKLET_API_TOKEN")
             if not token:
                 token = generate_token()
@@ -308,7 +354,9 @@ def _serve_deployment() -> Any:
 
         def __serve_build_asgi_app__(self) -> FastAPI:
             kafka = self.settings.kafka if self.options.get("kafka") else None
-            app = create_app(self.slot, self.settings.serve, token=self.token, kafka=kafka)
+            cap = in_flight_cap(replica_max_ongoing_requests(), self.settings.limits.max_event_streams)
+            app = create_app(self.slot, self.settings.serve, token=self.token, kafka=kafka,
+                             limits=self.settings.limits, max_in_flight=cap)
             self.limits = app.state.limits
             return app
 
@@ -351,4 +399,4 @@ def app(args: Optional[dict] = None) -> Any:
     A builder rather than a bound application, so importing this module for `create_app` (tests,
     other ASGI servers) neither imports Ray Serve nor loads a model.
     """
-    return _serve_deployment().bind(dict(args or {}))
+    return _serve_deployment().options(**deployment_limits()).bind(dict(args or {}))

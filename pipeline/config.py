@@ -13,6 +13,7 @@ from typing import Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from masklet.actors.prompt_limits import InputLimits
 from masklet.actors.sources import DEFAULT_MAX_PIXELS
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -246,6 +247,30 @@ class ServeSettings(_Section):
         return self
 
 
+class LimitsSettings(_Section):
+    """Bounded work per input (README "Limits"), as the frozen `actors.prompt_limits.InputLimits`
+    the code enforces (`input_limits()`), plus the control API's cap on open SSE feeds.
+
+    Ray Serve's own request limits (max_ongoing_requests, max_queued_requests) live in one place,
+    the MaskletAPI entry of deploy/serve_config.yaml, which `masklet serve` reads too.
+    """
+
+    max_points_per_prompt: int = Field(64, ge=1, le=100_000)
+    max_objects_per_stream: int = Field(16, ge=1, le=100_000, description="tracked objects of one stream")
+    max_objects_per_run: int = Field(64, ge=1, le=1_000_000, description="tracked objects of all streams of a run")
+    max_object_id: int = Field(1_000_000, ge=1, le=2**53 - 1)
+    max_prompt_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="one prompt record or API prompt body")
+    max_prompts_file_bytes: int = Field(1024 * 1024, ge=1024, description="segment --prompts FILE")
+    max_nesting_depth: int = Field(32, ge=4, le=500, description="lists/objects nested in JSON and YAML inputs")
+    max_frame_gap: int = Field(100_000, ge=1, description="Kafka: frame_idx this far past its stream's newest frame "
+                                                          "is a dead letter")
+    frame_gap_resync: int = Field(3, ge=1, description="...unless this many frames in a row agree on the jump")
+    max_event_streams: int = Field(16, ge=1, le=10_000, description="open SSE feeds (/streams/{id}/events)")
+
+    def input_limits(self) -> InputLimits:
+        return InputLimits(**{name: getattr(self, name) for name in InputLimits.__dataclass_fields__})
+
+
 _config_file_for_load: contextvars.ContextVar[Optional[Path]] = contextvars.ContextVar("masklet_config_file", default=None)
 
 
@@ -298,6 +323,7 @@ class MaskletSettings(BaseSettings):
     pipeline: PipelineSettings = Field(default_factory=PipelineSettings)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     serve: ServeSettings = Field(default_factory=ServeSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
 
     @classmethod
     def settings_customise_sources(

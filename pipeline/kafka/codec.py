@@ -3,7 +3,7 @@
 Validation never trusts a header: the declared content type must match the magic bytes, the
 pixel cap is checked on the optional `width`/`height` headers and again on the size in the
 bitstream before any pixel is decoded, and pickle payloads are refused without being touched.
-Message shapes come from `pipeline.messages`; this module adds the security checks and maps
+Message shapes come from `actors.messages`; this module adds the security checks and maps
 every failure to a dead-letter reason (`Rejected`).
 """
 from __future__ import annotations
@@ -17,12 +17,15 @@ from PIL import Image, ImageOps
 
 from masklet.pipeline.kafka.deadletter import Rejected
 from masklet.actors.messages import FRAME_SCHEMA, FrameHeaders, MessageError, PromptMessage
+from masklet.actors.prompt_limits import InputLimits, PromptLimitError, check_prompt
 
 JPEG = "image/jpeg"
 PNG = "image/png"
 SUPPORTED_CONTENT_TYPES = (JPEG, PNG)
-MAX_PROMPT_BYTES = 4 * 1024 * 1024  # an RLE mask of a 4K frame fits easily
-MAX_OBJECT_ID = 1_000_000
+DEFAULT_LIMITS = InputLimits()  # settings.limits.input_limits() in `masklet run`
+MAX_PROMPT_BYTES = DEFAULT_LIMITS.max_prompt_bytes
+MAX_STREAM_ID_CHARS = 256  # as prompt/v1's stream_id
+MAX_OBJECT_ID = DEFAULT_LIMITS.max_object_id
 
 _MAGIC = {JPEG: b"\xff\xd8\xff", PNG: b"\x89PNG\r\n\x1a\n"}
 _PIL_FORMAT = {JPEG: "JPEG", PNG: "PNG"}
@@ -84,6 +87,9 @@ def parse_frame_headers(key: Optional[bytes], headers: Optional[Headers]) -> tup
         stream_id = ""
     if not stream_id:
         raise Rejected("bad_frame_headers", "bad_key", "record key (stream id) is empty or not UTF-8")
+    if len(stream_id) > MAX_STREAM_ID_CHARS:
+        raise Rejected("bad_frame_headers", "bad_key", f"record key (stream id) is {len(stream_id)} characters, "
+                                                       f"at most {MAX_STREAM_ID_CHARS}")
     size = None
     if "width" in values or "height" in values:
         try:
@@ -127,39 +133,41 @@ def decode_frame(key: Optional[bytes], value: Optional[bytes], headers: Optional
     return stream_id, meta, rgb
 
 
-def parse_prompt(value: Optional[bytes], streams: Optional[Mapping[str, tuple[int, int]]] = None) -> PromptMessage:
+def parse_prompt(value: Optional[bytes], streams: Optional[Mapping[str, tuple[int, int]]] = None,
+                 limits: InputLimits = DEFAULT_LIMITS) -> PromptMessage:
     """Validate a prompts-topic record; raises `Rejected`.
 
     `streams` maps the stream ids seen so far to their (width, height): a prompt for one of them
     must lie inside its frames. A prompt for another stream passes; `check_prompt_range` decides
-    once that stream's first frame is known.
+    once that stream's first frame is known. The `limits` (points, object id, nesting, bytes) apply
+    to every prompt.
     """
     data = value or b""
     if looks_like_pickle(data):
         raise Rejected("malformed_prompt", "pickle_payload", "prompt payload is a pickle stream")
-    if len(data) > MAX_PROMPT_BYTES:
-        raise Rejected("malformed_prompt", "too_large", f"prompt of {len(data)} bytes exceeds {MAX_PROMPT_BYTES}")
+    if len(data) > limits.max_prompt_bytes:
+        raise Rejected("malformed_prompt", "too_large", f"prompt of {len(data)} bytes exceeds {limits.max_prompt_bytes}")
     try:
-        prompt = PromptMessage.from_json_bytes(data)
+        prompt = PromptMessage.from_json_bytes(data, max_depth=limits.max_nesting_depth)
     except MessageError as exc:
         kind = "unknown_schema" if "unsupported schema" in str(exc) else "malformed_prompt"
         raise Rejected("unknown_schema" if kind == "unknown_schema" else "malformed_prompt", kind, str(exc)) from None
-    if prompt.object_id > MAX_OBJECT_ID:
-        raise Rejected("malformed_prompt", "out_of_range", f"object_id {prompt.object_id} over {MAX_OBJECT_ID}")
-    if streams is not None and prompt.stream_id in streams:
-        check_prompt_range(prompt, streams)
+    size = streams.get(prompt.stream_id) if streams is not None else None
+    _check(prompt, size, limits)
     return prompt
 
 
-def check_prompt_range(prompt: PromptMessage, streams: Mapping[str, tuple[int, int]]) -> None:
-    """The prompt's stream is known and its coordinates lie inside that stream's frames."""
+def check_prompt_range(prompt: PromptMessage, streams: Mapping[str, tuple[int, int]],
+                       limits: InputLimits = DEFAULT_LIMITS) -> None:
+    """The prompt's stream is known and the prompt fits its frames (size checks only: nothing decoded)."""
     if prompt.stream_id not in streams:
         raise Rejected("unknown_stream", "unknown_stream", f"no frames seen for stream {prompt.stream_id!r}")
-    width, height = streams[prompt.stream_id]
-    xs = [p[0] for p in prompt.points] + ([prompt.box[0], prompt.box[2]] if prompt.box else [])
-    ys = [p[1] for p in prompt.points] + ([prompt.box[1], prompt.box[3]] if prompt.box else [])
-    if any(not 0 <= x <= width for x in xs) or any(not 0 <= y <= height for y in ys):
-        raise Rejected("malformed_prompt", "out_of_range", f"coordinates outside the {width}x{height} frame")
-    if prompt.mask is not None and tuple(prompt.mask.size) != (height, width):
-        raise Rejected("malformed_prompt", "out_of_range",
-                       f"mask size {list(prompt.mask.size)} != frame [{height}, {width}]")
+    _check(prompt, streams[prompt.stream_id], limits)
+
+
+def _check(prompt: PromptMessage, size: Optional[tuple[int, int]], limits: InputLimits) -> None:
+    width, height = size if size is not None else (None, None)
+    try:
+        check_prompt(prompt, height, width, limits)
+    except PromptLimitError as exc:
+        raise Rejected("malformed_prompt", exc.reason, exc.detail) from None

@@ -105,31 +105,30 @@ def test_bodies_over_the_cap_get_413(client):
 
 
 def test_stream_lifecycle_objects_frame_and_record(client, fake, clip):
-    created = start_stream(client, clip)
+    created = start_stream(client, clip, loop=True, realtime=True)  # a camera-like stream that keeps running
     assert created["stream_id"] == "cam1" and created["source"] == str(clip)
     assert [s["stream_id"] for s in client.get("/streams").json()] == ["cam1"]
     assert client.post("/streams", json={"stream_id": "cam1", "source": str(clip)}).status_code == 409
-    detail = wait_for(lambda: (d := client.get("/streams/cam1").json())["state"] == "finished" and d,
-                      message="clip fed")
-    assert (detail["width"], detail["height"]) == (96, 64) and detail["frames_in"] == 20
+    detail = client.get("/streams/cam1").json()
+    assert detail["state"] == "running" and (detail["width"], detail["height"]) == (96, 64)
 
-    added = client.post("/streams/cam1/objects", json={"points": [[30, 30]], "labels": [1], "frame_idx": 19})
+    added = client.post("/streams/cam1/objects", json={"points": [[30, 30]], "labels": [1], "frame_idx": 3})
     assert added.status_code == 202, added.text
-    assert added.json() == {"stream_id": "cam1", "object_id": 1, "frame_idx": 19, "action": "add"}
+    assert added.json() == {"stream_id": "cam1", "object_id": 1, "frame_idx": 3, "action": "add"}
     boxed = client.post("/streams/cam1/objects", json={"box": [60, 5, 80, 20]})
-    assert boxed.json()["object_id"] == 2 and boxed.json()["frame_idx"] == 19  # default: latest frame
+    latest = client.get("/streams/cam1/masklet").json()["frame_idx"]
+    assert boxed.json()["object_id"] == 2 and boxed.json()["frame_idx"] <= latest  # default: latest frame
     refine = client.post("/streams/cam1/objects/1/refine", json={"points": [[30, 30]], "labels": [0]})
     assert refine.status_code == 202
     assert [p.action for p in fake.prompts] == ["add", "add", "refine"]
     assert client.post("/streams/cam1/objects/9/refine", json={"points": [[1, 1]], "labels": [1]}).status_code == 409
     assert client.get("/streams/cam1").json()["objects"] == {"1": 5.0, "2": 5.0}
 
-    # the fake draws masks on frames after the prompt: push one more frame through the session
-    fake.submit_frame("cam1", 20, 2.0, np.zeros((64, 96, 3), np.uint8))
-    record = client.get("/streams/cam1/masklet").json()
-    assert record["frame_idx"] == 20 and {o["object_id"] for o in record["objects"]} == {1, 2}
+    # the fake draws masks on frames after the prompt: the next record shows both objects
+    record = wait_for(lambda: (r := client.get("/streams/cam1/masklet").json())["objects"] and r, message="masks")
+    assert {o["object_id"] for o in record["objects"]} == {1, 2}
     png = client.get("/streams/cam1/frame.png")
-    assert png.headers["content-type"] == "image/png" and png.headers["X-Frame-Index"] == "20"
+    assert png.headers["content-type"] == "image/png" and int(png.headers["X-Frame-Index"]) >= record["frame_idx"]
     pixels = np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB"))
     assert pixels.shape == (64, 96, 3) and pixels[10, 70].any()  # object 2's box is coloured
 
@@ -139,12 +138,42 @@ def test_stream_lifecycle_objects_frame_and_record(client, fake, clip):
     wait_for(lambda: "cam1" not in fake.streams(), message="stream closed")
 
 
+def test_a_finished_stream_stays_inspectable_and_leaves_the_session(client, fake, clip):
+    start_stream(client, clip)
+    detail = wait_for(lambda: (d := client.get("/streams/cam1").json())["state"] == "finished" and d,
+                      message="clip fed")
+    wait_for(lambda: "cam1" not in fake.streams(), message="the finished stream left the session")
+    detail = client.get("/streams/cam1").json()
+    assert (detail["width"], detail["height"]) == (96, 64) and detail["frames_in"] == 20
+    assert detail["frames_published"] == 20  # its final figures, kept after the session let it go
+    assert client.get("/streams/cam1/masklet").json()["frame_idx"] == 19
+    refused = client.post("/streams/cam1/objects", json={"points": [[30, 30]], "labels": [1]})
+    assert refused.status_code == 409 and "finished" in refused.json()["detail"]
+    assert client.delete("/streams/cam1").status_code == 204
+
+
 def test_stream_cap_answers_503_with_retry_after(client, clip):
-    start_stream(client, clip, "a")
-    start_stream(client, clip, "b")
+    start_stream(client, clip, "a", loop=True, realtime=True)
+    start_stream(client, clip, "b", loop=True, realtime=True)
     response = client.post("/streams", json={"stream_id": "c", "source": str(clip)})
     assert response.status_code == 503 and response.headers["Retry-After"] == "1"
     assert "stream cap" in response.json()["detail"]
+
+
+def test_finished_and_failed_streams_leave_the_stream_cap(client, fake, clip, tmp_path):
+    """Regression (issue 12): ended streams used to hold their slot until someone deleted them."""
+    start_stream(client, clip, "done")  # 20 frames, not paced: finishes at once
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(clip.read_bytes()[: len(clip.read_bytes()) // 2])  # cut short: the feeder fails
+    client.post("/streams", json={"stream_id": "broken", "source": str(broken), "realtime": False})
+    for stream_id, state in (("done", "finished"), ("broken", "failed")):
+        wait_for(lambda: client.get(f"/streams/{stream_id}").json()["state"] == state, message=f"{stream_id} {state}")
+    wait_for(lambda: not fake.streams(), message="ended streams closed in the session")
+    for stream_id in ("c", "d"):  # the cap is 2: both slots are free again
+        response = client.post("/streams", json={"stream_id": stream_id, "source": str(clip), "loop": True})
+        assert response.status_code == 201, response.text
+    assert {s["stream_id"]: s["state"] for s in client.get("/streams").json()} == {
+        "done": "finished", "broken": "failed", "c": "running", "d": "running"}
 
 
 def test_session_refusal_marks_the_stream_failed(client, fake, clip):
