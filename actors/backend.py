@@ -302,20 +302,10 @@ class RayBackend(Backend):
         return ready, pending
 
     def get(self, future: Any) -> Any:
-        ray = self._ray
         try:
-            return ray.get(future)
-        except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
-                ray.exceptions.ObjectLostError, ray.exceptions.OwnerDiedError) as exc:
-            raise ActorDiedError(_first_line(exc)) from None
-        except ray.exceptions.UnserializableException as exc:
-            raise ActorCallError(_first_line(exc), _first_line(exc), "UnserializableException") from None
-        except ray.exceptions.RayTaskError as exc:
-            cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-            if isinstance(cause, ActorDiedError):
-                raise ActorDiedError(str(cause)) from None
-            raise ActorCallError(f"{type(cause).__name__}: {_first_line(cause)}", _first_line(cause),
-                                 type(cause).__name__) from None
+            return self._ray.get(future)
+        except Exception as exc:  # noqa: BLE001 - every Ray failure becomes one of our two types
+            raise ray_failure(self._ray, exc) from None
 
     def put(self, value: Any) -> Any:
         return self._ray.put(value)
@@ -330,6 +320,30 @@ class RayBackend(Backend):
     def shutdown(self) -> None:
         if self._started_ray and self._ray.is_initialized():
             self._ray.shutdown()
+
+
+def ray_failure(ray: Any, exc: BaseException) -> Exception:
+    """Map what `ray.get` raised to ActorDiedError or ActorCallError; every Ray failure is one of them.
+
+    ActorCallError only when the actor's own method raised an ordinary exception: the actor is
+    alive and its state intact. Everything else means the process, its node or its results are
+    gone, and the caller recovers it like a SIGKILL (restart, replay): actor death, worker crash,
+    OOM kill by Ray's memory monitor (OutOfMemoryError, not a RayActorError), node loss, raylet
+    death, lost objects, and a MemoryError inside the method (its state may be half-updated).
+    A non-Ray exception is a bug in the caller and passes through unchanged.
+    """
+    errors = ray.exceptions
+    if isinstance(exc, errors.RayTaskError):
+        cause = exc.cause if getattr(exc, "cause", None) is not None else exc
+        if isinstance(cause, (ActorDiedError, MemoryError)) or (
+                isinstance(cause, errors.RayError) and not isinstance(cause, errors.RayTaskError)):
+            return ActorDiedError(f"{type(cause).__name__}: {_first_line(cause)}")
+        return ActorCallError(f"{type(cause).__name__}: {_first_line(cause)}", _first_line(cause), type(cause).__name__)
+    if isinstance(exc, errors.UnserializableException):
+        return ActorCallError(_first_line(exc), _first_line(exc), "UnserializableException")
+    if isinstance(exc, errors.RayError):  # RayActorError, OutOfMemoryError, NodeDiedError, WorkerCrashedError, ...
+        return ActorDiedError(f"{type(exc).__name__}: {_first_line(exc)}")
+    return exc
 
 
 def _first_line(exc: BaseException) -> str:
