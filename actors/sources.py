@@ -212,12 +212,15 @@ class VideoSource(FrameSource):
     @staticmethod
     def _check_local_file(uri: str) -> None:
         path = Path(uri)
-        if not path.exists():
-            raise SourceError(uri, "no such file")
-        if not path.is_file():
-            raise SourceError(uri, "not a regular file")
-        if path.stat().st_size == 0:
-            raise SourceError(uri, "empty file")
+        try:
+            if not path.exists():
+                raise SourceError(uri, "no such file")
+            if not path.is_file():
+                raise SourceError(uri, "not a regular file")
+            if path.stat().st_size == 0:
+                raise SourceError(uri, "empty file")
+        except (OSError, ValueError) as exc:  # name too long, NUL byte, permission: one line, not a traceback
+            raise SourceError(uri, f"cannot access ({getattr(exc, 'strerror', None) or exc})") from None
 
     def _check_index_within_file(self, uri: str) -> None:
         # A container index pointing past the end of the file means the file was cut short.
@@ -284,7 +287,10 @@ class ImageFolderSource(FrameSource):
         self.name = str(folder)
         if fps <= 0 or not math.isfinite(fps):
             raise SourceError(self.name, f"image folder fps must be positive, got {fps}")
-        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        try:
+            files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        except OSError as exc:
+            raise SourceError(self.name, f"cannot list the folder ({exc.strerror or exc})") from None
         if not files:
             raise SourceError(self.name, "folder holds no .jpg/.jpeg/.png images")
         self._files = files[:max_frames] if max_frames is not None else files
@@ -297,7 +303,10 @@ class ImageFolderSource(FrameSource):
 
     def _load(self, index: int) -> np.ndarray:
         path = self._files[index]
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise SourceError(str(path), f"cannot read ({exc.strerror or exc})") from None
         content_type = "image/png" if data.startswith(_PNG_MAGIC) else "image/jpeg"
         return decode_image_bytes(data, content_type, self._max_pixels, name=str(path))
 
@@ -332,7 +341,11 @@ def open_source(
     text = str(uri)
     if text.startswith("file://"):
         text = text[len("file://") :]
-    if "://" not in text and Path(text).is_dir():
+    try:
+        is_folder = "://" not in text and Path(text).is_dir()
+    except (OSError, ValueError) as exc:  # name too long, NUL byte: one line, not a traceback
+        raise SourceError(text, f"cannot access ({getattr(exc, 'strerror', None) or exc})") from None
+    if is_folder:
         return ImageFolderSource(Path(text), max_pixels=max_pixels, max_frames=max_frames, fps=image_fps)
     if "://" in text and text.split("://", 1)[0].lower() not in NETWORK_SCHEMES + ("file",):
         raise SourceError(text, f"unsupported URL scheme (use a file, folder, {', '.join(NETWORK_SCHEMES)})")

@@ -16,19 +16,25 @@ inputs:
         - {frame: 40, mask: masks/dog_40.png}   # relative to the prompts file; non-zero = object
 ```
 Checks that need the video (inside the frame, frame exists) run later in `validate_against`.
+Bounded work (README "Limits", `InputLimits`): the file's size, nesting depth and points per
+prompt are capped and YAML aliases refused before anything is built; a mask image's size is read
+from its header and capped before its pixels are decoded (a decompression bomb is one line).
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
 import numpy as np
-import yaml
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from masklet.actors.messages import MessageError, load_json
+from masklet.actors.prompt_limits import InputLimits
+from masklet.actors.safe_yaml import load_yaml
+from masklet.actors.sources import DEFAULT_MAX_PIXELS
 
 
 class PromptSpecError(ValueError):
@@ -47,15 +53,25 @@ class ObjectPrompt:
     def describe(self) -> str:
         return f"object {self.object_id} at frame {self.frame_idx}"
 
-    def load_mask(self) -> Optional[np.ndarray]:
-        """The mask prompt as bool [H, W], or None when this prompt has no mask."""
+    def load_mask(self, max_pixels: int = DEFAULT_MAX_PIXELS) -> Optional[np.ndarray]:
+        """The mask prompt as bool [H, W], or None when this prompt has no mask.
+
+        The size comes from the image header and must be at most `max_pixels` before any pixel is
+        decoded; every failure (corrupt file, decompression bomb) is one PromptSpecError line.
+        """
         if self.mask is None:
             return None
         try:
             with Image.open(self.mask) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise PromptSpecError(f"{self.describe()}: mask {self.mask} is {width}x{height}, over "
+                                          f"{max_pixels} pixels")
                 return np.asarray(image.convert("L")) > 0
-        except (OSError, ValueError) as exc:
-            raise PromptSpecError(f"{self.describe()}: cannot read mask {self.mask}: {exc}") from None
+        except PromptSpecError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types (DecompressionBombError is none of OSError/ValueError)
+            raise PromptSpecError(f"{self.describe()}: cannot read mask {self.mask}: {_one_line(exc)}") from None
 
     def validate_against(self, width: int, height: int, num_frames: Optional[int]) -> None:
         """Raise PromptSpecError when the prompt falls outside the video (frame range or pixels)."""
@@ -74,12 +90,16 @@ class ObjectPrompt:
             try:
                 with Image.open(self.mask) as image:
                     size = image.size
-            except (OSError, ValueError) as exc:
-                raise PromptSpecError(f"{self.describe()}: cannot read mask {self.mask}: {exc}") from None
+            except Exception as exc:  # noqa: BLE001 - as in load_mask
+                raise PromptSpecError(f"{self.describe()}: cannot read mask {self.mask}: {_one_line(exc)}") from None
             if size != (width, height):
                 raise PromptSpecError(
                     f"{self.describe()}: mask {self.mask} is {size[0]}x{size[1]}, the frame is {width}x{height}"
                 )
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 def validate_prompts(prompts: Iterable[ObjectPrompt], width: int, height: int, num_frames: Optional[int]) -> None:
@@ -186,27 +206,50 @@ class PromptSpec:
     def object_ids_for(self, input_path: Union[str, Path]) -> list[int]:
         return sorted({prompt.object_id for prompt in self.prompts_for(input_path)})
 
+    def check_object_limits(self, inputs: Sequence[Union[str, Path]], limits: InputLimits) -> None:
+        """Objects per input (one stream) and over all inputs (the run) within the limits; else one line."""
+        total = 0
+        for input_path in inputs:
+            count = len(self.object_ids_for(input_path))
+            if count > limits.max_objects_per_stream:
+                raise PromptSpecError(f"{input_path}: {count} objects, at most {limits.max_objects_per_stream} per "
+                                      f"input (limits.max_objects_per_stream)")
+            total += count
+        if total > limits.max_objects_per_run:
+            raise PromptSpecError(f"{total} objects over all inputs, at most {limits.max_objects_per_run} per run "
+                                  f"(limits.max_objects_per_run)")
 
-def _read_prompts_file(path: Path) -> dict:
+
+def _read_prompts_file(path: Path, limits: InputLimits) -> dict:
+    cap = limits.max_prompts_file_bytes
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as handle:
+            raw = handle.read(cap + 1)  # never more, whatever the file claims to be
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise PromptSpecError(f"{path}: cannot read prompts file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise PromptSpecError(f"{path}: prompts file is not UTF-8 text (byte {exc.start})") from None
+    if len(raw) > cap:
+        raise PromptSpecError(f"{path}: prompts file is over {cap} bytes (limits.max_prompts_file_bytes)")
     try:
-        data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as exc:
-        kind = "JSON" if path.suffix.lower() == ".json" else "YAML"
-        raise PromptSpecError(f"{path}: invalid {kind}: {' '.join(str(exc).split())}") from None
+        if path.suffix.lower() == ".json":
+            data = load_json(text, limits.max_nesting_depth, what=f"{path}")
+        else:
+            data = load_yaml(text, limits.max_nesting_depth, what=f"{path}")
+    except MessageError as exc:
+        raise PromptSpecError(_one_line(exc)) from None
     if not isinstance(data, dict):
         raise PromptSpecError(f"{path}: top level must be a mapping with an 'inputs' key")
     return data
 
 
-def load_prompts_file(path: Union[str, Path], *, first_object_id: int = 1) -> dict[str, tuple[ObjectPrompt, ...]]:
+def load_prompts_file(path: Union[str, Path], *, first_object_id: int = 1,
+                      limits: InputLimits = InputLimits()) -> dict[str, tuple[ObjectPrompt, ...]]:
     """Parse a prompts file into per-input prompts; objects without `id` are numbered from `first_object_id`."""
     path = Path(path)
     try:
-        parsed = _PromptsFile.model_validate(_read_prompts_file(path))
+        parsed = _PromptsFile.model_validate(_read_prompts_file(path, limits))
     except ValidationError as exc:
         error = exc.errors(include_url=False)[0]
         location = ".".join(str(part) for part in error["loc"])
@@ -216,7 +259,7 @@ def load_prompts_file(path: Union[str, Path], *, first_object_id: int = 1) -> di
     ordered_keys = sorted(parsed.inputs, key=lambda key: key != "*")
     shared_ids: set[int] = set()
     for input_key in ordered_keys:
-        prompts = _object_prompts(path, input_key, parsed.inputs[input_key], first_object_id, shared_ids)
+        prompts = _object_prompts(path, input_key, parsed.inputs[input_key], first_object_id, shared_ids, limits)
         if input_key == "*":
             shared_ids = {prompt.object_id for prompt in prompts}
         per_input[input_key] = prompts
@@ -224,7 +267,8 @@ def load_prompts_file(path: Union[str, Path], *, first_object_id: int = 1) -> di
 
 
 def _object_prompts(
-    path: Path, input_key: str, objects: list[_ObjectEntry], first_object_id: int, reserved_ids: set[int]
+    path: Path, input_key: str, objects: list[_ObjectEntry], first_object_id: int, reserved_ids: set[int],
+    limits: InputLimits,
 ) -> tuple[ObjectPrompt, ...]:
     prompts: list[ObjectPrompt] = []
     explicit = {obj.id for obj in objects if obj.id is not None}
@@ -246,7 +290,12 @@ def _object_prompts(
         except (ValueError, ValidationError) as exc:
             message = exc.errors(include_url=False)[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
             raise PromptSpecError(f"{where}: {message.removeprefix('Value error, ')}") from None
+        if object_id > limits.max_object_id:
+            raise PromptSpecError(f"{where}: object id {object_id} is over {limits.max_object_id}")
         for entry in entries:
+            if len(entry.points) > limits.max_points_per_prompt:
+                raise PromptSpecError(f"{where}: {len(entry.points)} points in one prompt, at most "
+                                      f"{limits.max_points_per_prompt} (limits.max_points_per_prompt)")
             labels = entry.labels if entry.labels is not None else [1] * len(entry.points)
             mask = (path.parent / entry.mask) if entry.mask is not None else None
             prompts.append(ObjectPrompt(object_id, entry.frame, tuple(entry.points), tuple(labels), entry.box, mask))
@@ -260,7 +309,8 @@ def _object_prompts(
 
 
 def build_prompt_spec(
-    points: Sequence[str] = (), boxes: Sequence[str] = (), prompts_file: Union[str, Path, None] = None
+    points: Sequence[str] = (), boxes: Sequence[str] = (), prompts_file: Union[str, Path, None] = None,
+    limits: InputLimits = InputLimits(),
 ) -> PromptSpec:
     """Combine CLI flags (objects 1..n: points first, then boxes) with an optional prompts file.
 
@@ -274,7 +324,7 @@ def build_prompt_spec(
         shared.append(parse_box_flag(text, object_id=len(shared) + 1))
     per_input: dict[str, tuple[ObjectPrompt, ...]] = {}
     if prompts_file is not None:
-        per_input = load_prompts_file(prompts_file, first_object_id=len(shared) + 1)
+        per_input = load_prompts_file(prompts_file, first_object_id=len(shared) + 1, limits=limits)
         flag_ids = {prompt.object_id for prompt in shared}
         for input_key, prompts in per_input.items():
             clash = sorted(flag_ids & {prompt.object_id for prompt in prompts})

@@ -48,8 +48,8 @@ def _usage_error(message: str) -> int:
     return 2
 
 
-def _to_model_prompt(p: Any) -> Prompt:
-    mask = p.load_mask()
+def _to_model_prompt(p: Any, max_pixels: int) -> Prompt:
+    mask = p.load_mask(max_pixels)
     if mask is not None:
         return Prompt(mask=mask)
     return Prompt(points=list(p.points) or None, labels=list(p.labels) or None,
@@ -74,14 +74,16 @@ def run_segment(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config, model={"name": args.model, "checkpoint": args.checkpoint,
                                                      "image_size": args.image_size, "device": args.device})
-        spec = build_prompt_spec(args.point, args.box, args.prompts)
+        limits = settings.limits.input_limits()
+        spec = build_prompt_spec(args.point, args.box, args.prompts, limits=limits)
+        spec.check_object_limits(args.inputs, limits)  # each object is a tracker process: refuse before starting
         if args.max_frames is not None and args.max_frames < 1:
             raise ValueError(f"--max-frames must be at least 1, got {args.max_frames}")
         objects_per_input = []
         for text in args.inputs:
             objects: dict[int, dict[int, Prompt]] = {}
             for p in spec.prompts_for(text):
-                objects.setdefault(p.object_id, {})[p.frame_idx] = _to_model_prompt(p)
+                objects.setdefault(p.object_id, {})[p.frame_idx] = _to_model_prompt(p, settings.pipeline.max_pixels)
             objects_per_input.append(objects)
     except (ConfigError, PromptSpecError, ValueError) as exc:
         return _usage_error(str(exc))
