@@ -43,6 +43,10 @@ class ActorOptions:
     num_gpus: float = 0.0
     # Environment for the actor's process (thread caps, mostly); ignored in-process.
     env: tuple[tuple[str, str], ...] = ()
+    # Custom Ray resources the actor needs (e.g. {"masklet_tracker": 1} to keep a role on a node group).
+    resources: tuple[tuple[str, float], ...] = ()
+    # Spread actors of a pool over the cluster's nodes instead of packing them onto one.
+    spread: bool = False
 
 
 @dataclass
@@ -282,6 +286,10 @@ class RayBackend(Backend):
         }
         if actor.options.env:
             opts["runtime_env"] = {"env_vars": dict(actor.options.env)}
+        if actor.options.resources:
+            opts["resources"] = dict(actor.options.resources)
+        if actor.options.spread:
+            opts["scheduling_strategy"] = "SPREAD"
         return remote_cls.options(**opts).remote(*actor.args, **actor.kwargs)
 
     def call(self, actor: ActorHandle, method: str, *args: Any, num_returns: int = 1) -> Any:

@@ -1,13 +1,29 @@
-"""The decoder actor: one per input stream, hands out decoded frames in order, in chunks."""
+"""Decoder actors: one process decodes for several streams (files, URLs, image folders, live JPEGs).
+
+Frames never pass through the driver. `read` returns 1 + n values: a small tuple of
+`(frame_idx, pts)` the scheduler reads, then each frame's pixels as its own object (Ray stores
+them once; the encoder and the publisher read them by reference). Objects returned from a call are
+owned by the caller, so they outlive this actor.
+
+A source is opened in `open()` rather than in a constructor so a bad input comes back as a failed
+call carrying the source's one-line reason. A `SourceError` travels as itself (it pickles, so Ray
+rebuilds it); any other exception from the opener or the decoder becomes an `InputError` with the
+same one-line treatment.
+
+`decode(*images)` turns compressed live frames (JPEG/PNG bytes from Kafka or the API) into pixels,
+so that work never runs in the driver or under the live session's lock; an image that does not
+decode comes back as a `FrameFailure` with the reason, and the others of the call are unaffected.
+"""
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from masklet.actors.payloads import InputError, actor_pid, limit_threads
+from masklet.actors.payloads import EncodedImage, FrameFailure, InputError, one_line
+from masklet.actors.runtime import actor_pid, limit_threads, node_id
+from masklet.actors.sources import DEFAULT_MAX_PIXELS, SourceError, decode_image_bytes
 from masklet.monitoring.stats import Stats
-from masklet.actors.sources import SourceError
 
 
 @dataclass(frozen=True)
@@ -20,66 +36,93 @@ class SourceInfo:
     is_live: bool
 
 
+class _Open:
+    def __init__(self, source: Any) -> None:
+        self.source = source
+        self.frames = iter(source.frames())
+
+
 class DecoderActor:
-    """Wraps a FrameSource opener (`pipeline.sources.open_source` bound to its input).
-
-    The source is opened in `open()` rather than the constructor so a bad input comes back as a
-    failed call carrying the source's one-line reason, not as an actor that never started.
-    A `SourceError` travels as itself (it pickles, so Ray rebuilds it); any other exception from
-    the opener or the decoder is flattened into an `InputError` with the same one-line treatment.
-    """
-
-    def __init__(self, opener: Callable[[], Any], num_threads: int | None = 1) -> None:
+    def __init__(self, num_threads: int | None = 1, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         limit_threads(num_threads)
-        self.opener = opener
-        self.source = None
-        self.frames = None
+        self.max_pixels = max_pixels
+        self.streams: dict[str, _Open] = {}
         self.stats = Stats()
 
-    def open(self) -> SourceInfo:
+    # -- files and network sources ------------------------------------------------------------
+
+    def open(self, stream_id: str, opener: Callable[[], Any]) -> SourceInfo:
         try:
-            self.source = self.opener()
+            source = opener()
         except SourceError:
             raise
         except Exception as exc:  # noqa: BLE001 - becomes the input's one error line
-            raise InputError(_one_line(exc)) from None
-        self.frames = iter(self.source.frames())
-        return SourceInfo(str(getattr(self.source, "name", "input")), int(self.source.width), int(self.source.height),
-                          getattr(self.source, "fps", None), getattr(self.source, "frame_count", None),
-                          bool(getattr(self.source, "is_live", False)))
+            raise InputError(one_line(exc)) from None
+        self.streams[stream_id] = _Open(source)
+        return SourceInfo(str(getattr(source, "name", "input")), int(source.width), int(source.height),
+                          getattr(source, "fps", None), getattr(source, "frame_count", None),
+                          bool(getattr(source, "is_live", False)))
 
-    def read(self, max_frames: int) -> list:
-        """Up to `max_frames` next frames; an empty list means the input has ended."""
-        out = []
-        while len(out) < max_frames:
+    def read(self, stream_id: str, max_frames: int) -> tuple:
+        """(((frame_idx, pts), ...), rgb_0, ..., rgb_{max_frames-1}); fewer frames pad with None, and
+        an empty first value means the input has ended."""
+        opened = self.streams.get(stream_id)
+        metas: list[tuple[int, float]] = []
+        pixels: list[Any] = []
+        while opened is not None and len(metas) < max_frames:
             start = time.perf_counter()
             try:
-                frame = next(self.frames, None)
+                frame = next(opened.frames, None)
             except SourceError:
-                self.close()
+                self.close(stream_id)
                 raise
             except Exception as exc:  # noqa: BLE001
-                self.close()
-                raise InputError(_one_line(exc)) from None
+                self.close(stream_id)
+                raise InputError(one_line(exc)) from None
             if frame is None:
-                self.close()
+                self.close(stream_id)
                 break
             self.stats.observe("masklet_stage_latency_seconds", time.perf_counter() - start, stage="decode")
-            out.append(frame)
-        return out
+            metas.append((int(frame.frame_idx), float(frame.pts)))
+            pixels.append(frame.rgb)
+        return (tuple(metas), *pixels, *([None] * (max_frames - len(pixels))))
 
-    def close(self) -> None:
-        if self.source is not None and hasattr(self.source, "close"):
-            self.source.close()
-        self.frames = iter(())
+    def close(self, stream_id: str) -> None:
+        opened = self.streams.pop(stream_id, None)
+        if opened is not None and hasattr(opened.source, "close"):
+            try:
+                opened.source.close()
+            except Exception:  # noqa: BLE001 - closing a broken input must not fail the run
+                pass
+
+    # -- live compressed frames -----------------------------------------------------------------
+
+    def decode(self, *images: EncodedImage) -> tuple:
+        """(statuses, rgb_or_failure...): one status (None or the reason) and one value per image."""
+        statuses, values = [], []
+        for image in images:
+            start = time.perf_counter()
+            try:
+                rgb = decode_image_bytes(image.data, image.content_type, self.max_pixels)
+                if rgb.shape[:2] != (image.height, image.width):
+                    raise ValueError(f"image is {rgb.shape[1]}x{rgb.shape[0]}, its header said "
+                                     f"{image.width}x{image.height}")
+                values.append(rgb)
+                statuses.append(None)
+            except Exception as exc:  # noqa: BLE001 - one bad frame is that frame's problem
+                reason = one_line(exc)
+                values.append(FrameFailure(reason))
+                statuses.append(reason)
+            self.stats.observe("masklet_stage_latency_seconds", time.perf_counter() - start, stage="decode")
+        return (tuple(statuses), *values)
+
+    # -- housekeeping -------------------------------------------------------------------------
+
+    def report(self) -> dict:
+        return {"streams": sorted(self.streams), "node": node_id(), "pid": actor_pid()}
 
     def stats_snapshot(self):
         return self.stats.snapshot()
 
     def pid(self) -> int:
         return actor_pid()
-
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__

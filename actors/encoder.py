@@ -1,7 +1,12 @@
-"""The encoder actor: one model copy, one forward pass per batch of frames from any streams."""
+"""The encoder actor: one model copy, one forward pass per batch of frames from any streams.
+
+`encode(*frames)` returns 1 + len(frames) values: a tuple with one status per frame (None, or why
+it has no embedding), then each frame's embedding as its own object, so every tracker of that
+frame's stream reads the one copy by reference. A `FrameFailure` in (a live frame that did not
+decode) passes through as its own status and value, and the other frames of the batch are encoded.
+"""
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter
 from typing import Any
@@ -9,15 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from masklet.actors.payloads import EmbeddingPayload, ModelSpec, actor_pid, in_actor_process, limit_threads
+from masklet.actors.payloads import EmbeddingPayload, FrameFailure, ModelSpec
+from masklet.actors.runtime import actor_pid, in_actor_process, limit_threads, usable_cores
 from masklet.monitoring.stats import Stats
-
-
-def _usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def pick_device(requested: str = "auto") -> str:
@@ -27,16 +26,12 @@ def pick_device(requested: str = "auto") -> str:
 
 
 class EncoderActor:
-    """Runs `model.encode` on the batches the engine's batcher releases.
-
-    The engine calls `encode(*frames)` with `num_returns=len(frames)`, so each frame's embedding
-    becomes its own object: the stream's trackers all read that one copy.
-    """
+    """Runs `model.encode` on the batches the executor's batcher releases."""
 
     def __init__(self, spec: ModelSpec, num_threads: int | None = None, to_numpy: bool = True) -> None:
         # Ray exports OMP_NUM_THREADS=1 to every worker with num_cpus=0, so "no cap" (None) would
         # silently mean one thread: in an actor process, None means every core this process may use.
-        limit_threads(num_threads or (_usable_cores() if in_actor_process() else None))
+        limit_threads(num_threads or (usable_cores() if in_actor_process() else None))
         self.spec = spec
         self.model = spec.build()
         self.to_numpy = to_numpy
@@ -44,16 +39,21 @@ class EncoderActor:
         self.batch_sizes: Counter[int] = Counter()
 
     @torch.inference_mode()
-    def encode(self, *frames: np.ndarray) -> Any:
+    def encode(self, *frames: Any) -> tuple:
         start = time.perf_counter()
-        embeddings = self._encode_same_size_groups(list(frames))
-        elapsed = time.perf_counter() - start
-        self.stats.observe("masklet_encoder_batch_size", len(frames))
-        self.stats.inc("masklet_frames_encoded_total", len(frames))
-        for _ in frames:
-            self.stats.observe("masklet_stage_latency_seconds", elapsed, stage="encode")
-        out = [EmbeddingPayload.from_embedding(e) if self.to_numpy else e for e in embeddings]
-        return out[0] if len(out) == 1 else tuple(out)
+        good = [i for i, f in enumerate(frames) if not isinstance(f, FrameFailure)]
+        statuses: list[Any] = [f.reason if isinstance(f, FrameFailure) else None for f in frames]
+        values: list[Any] = list(frames)
+        if good:
+            embeddings = self._encode_same_size_groups([frames[i] for i in good])
+            for i, emb in zip(good, embeddings):
+                values[i] = EmbeddingPayload.from_embedding(emb) if self.to_numpy else emb
+            elapsed = time.perf_counter() - start
+            self.stats.observe("masklet_encoder_batch_size", len(good))
+            self.stats.inc("masklet_frames_encoded_total", len(good))
+            for _ in good:
+                self.stats.observe("masklet_stage_latency_seconds", elapsed, stage="encode")
+        return (tuple(statuses), *values)
 
     def _encode_same_size_groups(self, frames: list[np.ndarray]) -> list:
         """One forward pass when all frames share a size (the usual case); else one per size.

@@ -1,8 +1,9 @@
-"""Values the actors exchange with the engine, and how a model is rebuilt inside an actor process.
+"""Values the stages exchange, and how a model is rebuilt inside an actor process.
 
-Everything that crosses an actor boundary here is a small frozen dataclass of numpy arrays and
-scalars. Ray moves numpy arrays through its shared-memory object store without copying them per
-reader, so an embedding put once is read by every tracker of its stream from the same memory.
+Everything that crosses an actor boundary is a small frozen dataclass of numpy arrays and scalars
+(never a module). Ray moves numpy arrays through its shared-memory object store without copying
+them per reader, so an embedding put once is read by every tracker of its stream from the same
+memory, and a tracker result is a low-resolution logit map of a few KB, not a video-size mask.
 
 torch is imported lazily: decoder and publisher processes never touch a tensor, and importing torch
 costs each of them about 1.5 CPU-seconds at start-up (on a 2-core machine, time the encoder loses).
@@ -11,23 +12,30 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import os
-import sys
 import warnings
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Optional
 
 import numpy as np
+
+from masklet.actors.runtime import actor_pid, in_actor_process, limit_threads  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     import torch
 
     from masklet.model.types import FrameEmbedding
 
+PRECISIONS = ("fp32", "bf16")
+
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """How to build the model in any process; random weights are seeded so every copy agrees."""
+    """How to build the model in any process; random weights are seeded so every copy agrees.
+
+    `factory` is the plug-in seam: "module:function" with the signature
+    `build(name, checkpoint, image_size, device, **kwargs)` returning an object that follows
+    `masklet.model.protocols.SegmentationModel` (see that module for the contract).
+    """
 
     name: str = "sam2.1_hiera_tiny"
     checkpoint: str | None = None  # None: random weights; otherwise a local file path
@@ -35,46 +43,56 @@ class ModelSpec:
     device: str = "cpu"
     factory: str = "masklet.model:build_model"  # "module:function"; tests point this at a fake
     seed: int = 0
+    precision: str = "fp32"  # fp32 (exact) | bf16 (autocast, as the official predictor runs on GPUs)
+
+    def __post_init__(self) -> None:
+        if ":" not in self.factory:
+            raise ValueError(f"model factory must be 'module:function', got {self.factory!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     def build(self, with_image_encoder: bool = True) -> Any:
-        module_name, func_name = self.factory.split(":")
+        module_name, func_name = self.factory.split(":", 1)
         build = getattr(importlib.import_module(module_name), func_name)
         import torch
 
         torch.manual_seed(self.seed)
-        kwargs = {}
-        if not with_image_encoder and "with_image_encoder" in inspect.signature(build).parameters:
+        params = inspect.signature(build).parameters
+        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        kwargs: dict[str, Any] = {}
+        if not with_image_encoder and ("with_image_encoder" in params or takes_any):
             kwargs["with_image_encoder"] = False  # tracker actors never encode frames
+        if self.precision != "fp32":
+            if "precision" not in params and not takes_any:
+                raise ValueError(f"model factory {self.factory} takes no precision; it supports fp32 only")
+            kwargs["precision"] = self.precision
         model = build(name=self.name, checkpoint=self.checkpoint, image_size=self.image_size, device=self.device,
                       **kwargs)
         return model.eval() if hasattr(model, "eval") else model
 
 
-def limit_threads(num_threads: int | None) -> None:
-    """Cap intra-op threads: many actors on few cores must not each spawn one thread per core."""
-    if num_threads:
-        os.environ["OMP_NUM_THREADS"] = str(num_threads)  # also covers a torch imported later
-        if "torch" in sys.modules:
-            sys.modules["torch"].set_num_threads(num_threads)
+# -- frames ------------------------------------------------------------------------------------
 
 
-def in_actor_process() -> bool:
-    """Whether this code runs inside a Ray worker (not in the driver, nor in-process)."""
-    ray = sys.modules.get("ray")
-    try:
-        return ray is not None and ray.is_initialized() and ray.get_runtime_context().worker.mode == ray.WORKER_MODE
-    except Exception:  # noqa: BLE001 - an older/newer Ray without these attributes
-        return False
+@dataclass(frozen=True)
+class EncodedImage:
+    """A compressed frame (JPEG/PNG) as it came off the wire; a decoder actor turns it into pixels.
+    width/height are read from the image header by whoever received it (no pixel decode there)."""
+
+    data: bytes = field(repr=False)
+    content_type: str
+    width: int
+    height: int
 
 
-def tracker_class(model: Any) -> Any:
-    """The class whose `from_state(model, state)` resumes a tracker."""
-    cls = getattr(model, "tracker_class", None)
-    if cls is not None:
-        return cls
-    from masklet.model import ObjectTracker  # the real model package
+@dataclass(frozen=True)
+class FrameFailure:
+    """Stands in for a frame that could not be decoded; stages pass it through untouched."""
 
-    return ObjectTracker
+    reason: str
+
+
+# -- embeddings --------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -84,22 +102,31 @@ class EmbeddingPayload:
     Each array is stored in the tensor's own memory order (`orders` holds the permutation), so the
     tensor rebuilt on the other side has the encoder's exact strides. Hiera's features are
     channels-last in memory; making them NCHW-contiguous changes which convolution kernels the
-    decoder runs and, through bf16 memories, the masks' last bits.
+    decoder runs and, through bf16 memories, the masks' last bits. bf16 tensors (numpy has no
+    bf16) travel as their raw 16-bit patterns (`bf16` True) and are rebuilt bit for bit.
     """
 
     high_res_0: np.ndarray
     high_res_1: np.ndarray
     image_embed: np.ndarray
     orders: tuple[tuple[int, ...], ...] = ((0, 1, 2), (0, 1, 2), (0, 1, 2))
+    bf16: bool = False
 
     @classmethod
     def from_embedding(cls, emb: FrameEmbedding) -> "EmbeddingPayload":
+        import torch
+
+        tensors = (emb.high_res_feats[0], emb.high_res_feats[1], emb.image_embed)
+        bf16 = any(t.dtype == torch.bfloat16 for t in tensors)
         arrays, orders = [], []
-        for t in (emb.high_res_feats[0], emb.high_res_feats[1], emb.image_embed):
+        for t in tensors:
             order = tuple(sorted(range(t.dim()), key=lambda d: -t.stride(d)))  # outermost dimension first
-            arrays.append(t.detach().to("cpu").permute(order).contiguous().numpy())
+            t = t.detach().to("cpu").permute(order).contiguous()
+            if bf16:
+                t = t.to(torch.bfloat16).view(torch.int16)
+            arrays.append(t.numpy())
             orders.append(order)
-        return cls(*arrays, orders=tuple(orders))
+        return cls(*arrays, orders=tuple(orders), bf16=bf16)
 
     def to_embedding(self, device: str | torch.device = "cpu") -> FrameEmbedding:
         import torch
@@ -112,7 +139,10 @@ class EmbeddingPayload:
             tensors = []
             for array, order in zip((self.high_res_0, self.high_res_1, self.image_embed), self.orders):
                 inverse = tuple(order.index(d) for d in range(len(order)))
-                tensors.append(torch.from_numpy(array).permute(inverse))
+                t = torch.from_numpy(array)
+                if self.bf16:
+                    t = t.view(torch.bfloat16)
+                tensors.append(t.permute(inverse))
         if str(device) != "cpu":
             tensors = [t.to(device, non_blocking=True) for t in tensors]
         return FrameEmbedding(high_res_feats=(tensors[0], tensors[1]), image_embed=tensors[2])
@@ -126,16 +156,24 @@ def as_embedding(value: Any, device: str = "cpu") -> FrameEmbedding:
     return value.to_embedding(device) if isinstance(value, EmbeddingPayload) else value
 
 
+# -- tracker results ---------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
-class TrackedMask:
-    """One object's result on one frame, as the publisher needs it."""
+class ObjectResult:
+    """One object's result on one frame, as the publisher needs it: small.
+
+    `low_res_logits` are the mask decoder's logits at S/4 x S/4 (the official predictor's
+    `pred_masks`); the publisher upsamples them to `video_size` (bilinear, align_corners=False)
+    and thresholds at 0, which is exactly how the official predictor makes `video_res_masks`.
+    """
 
     object_id: int
     frame_idx: int
-    mask: np.ndarray            # bool [H, W], video resolution
-    score: float                # object-presence logit
-    iou: float
-    logits: np.ndarray | None = None  # float32 [H, W], only when soft mattes are asked for
+    low_res_logits: np.ndarray   # float32 [S/4, S/4]
+    score: float                 # object-presence logit (> 0: present)
+    iou: float                   # the mask decoder's IoU estimate
+    video_size: tuple[int, int]  # (H, W) of the stream
 
     @property
     def present(self) -> bool:
@@ -150,6 +188,9 @@ class FrameMeta:
     width: int
     height: int
     dropped_since_last: int = 0
+    lost_since_last: int = 0
+    revision: int = 0
+    republished: bool = False   # a revision (or a restart's re-publication) of a frame already out
 
 
 @dataclass(frozen=True)
@@ -163,6 +204,7 @@ class StreamInfo:
     object_ids: tuple[int, ...]
     model_name: str
     soft_masks: bool = False
+    return_records: bool = False  # live streams: the record comes back to the caller (Kafka, API)
 
 
 class InputError(RuntimeError):
@@ -170,5 +212,20 @@ class InputError(RuntimeError):
     carries that exception's message flattened to one line, so the user still gets one clear line."""
 
 
-def actor_pid() -> int:
-    return os.getpid()
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def restore_tracker(model: Any, state: dict) -> Any:
+    """Resume a tracker from `state_dict()` with the model's own `restore_tracker` (protocol), or,
+    for plug-in models that predate it, with their tracker class's `from_state`."""
+    restore: Optional[Any] = getattr(model, "restore_tracker", None)
+    if restore is not None:
+        return restore(state)
+    cls = getattr(model, "tracker_class", None)
+    if cls is None:
+        from masklet.model import ObjectTracker
+
+        cls = ObjectTracker
+    return cls.from_state(model, state)

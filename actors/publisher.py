@@ -1,23 +1,30 @@
-"""The publisher actor: one per stream; joins a frame's objects into a masklet/v1 record and writes sinks.
+"""Publisher actors: one process publishes for several streams, files and live streams alike.
 
-Sinks follow pipeline.sinks: `open()`, `write(FrameOutput)` and `close()` return a SinkError or None.
-A failing sink is reported in the call's `PublishAck` (the engine turns it into an event) and is
-not written again; the other sinks and the stream go on.
+A frame's objects arrive as `ObjectResult`s (low-resolution logits and scores). The publisher does
+everything at video resolution: upsampling and thresholding, COCO RLE, bbox and area
+(`actors.masks`: only the rows and columns an object can cover are computed, bit-identical to
+`F.interpolate(...) > 0`), soft mattes when asked, and the sinks. For live streams the record also
+comes back to the caller (`PublishAck.record`), ready for Kafka or the API.
+
+Sinks follow actors.sinks: `open()`, `write(FrameOutput)` and `close()` return a SinkError or
+None. A failing sink is reported in the call's `PublishAck` (the scheduler turns it into an event)
+and is not written again; the other sinks and the stream go on.
 """
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
-from masklet.actors.payloads import FrameMeta, StreamInfo, TrackedMask, actor_pid, limit_threads
-from masklet.monitoring.stats import Stats
+from masklet.actors.masks import MaskSummary, summarize_mask, upsample_logits
 from masklet.actors.messages import CocoRle, MaskletRecord, ObjectMask
-from masklet.actors.rle import encode_masks
+from masklet.actors.payloads import FrameMeta, ObjectResult, StreamInfo
+from masklet.actors.runtime import actor_pid, limit_threads, node_id
 from masklet.actors.sinks import FrameOutput
+from masklet.monitoring.stats import Stats
 
 
 @dataclass(frozen=True)
@@ -27,22 +34,24 @@ class PublishAck:
     accepted: bool                      # every sink still enabled took the frame
     sink_errors: tuple[str, ...] = ()   # first failure of each sink, once
     num_objects: int = 0
+    record: Optional[MaskletRecord] = None  # live streams: the masklet/v1 record, for Kafka or the API
+    revision: int = 0
 
 
-def build_record(meta: FrameMeta, masks: Sequence[TrackedMask], model_name: str) -> MaskletRecord:
-    masks = sorted(masks, key=lambda m: m.object_id)
-    rles = encode_masks(np.stack([m.mask for m in masks])) if masks else []
-    objects = []
-    for m, rle in zip(masks, rles):
-        ys, xs = np.nonzero(m.mask)
-        bbox = (0, 0, 0, 0) if xs.size == 0 else (int(xs.min()), int(ys.min()),
-                                                   int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1))
-        objects.append(ObjectMask(object_id=m.object_id, rle=CocoRle(size=tuple(rle["size"]), counts=rle["counts"]),
-                                  bbox=bbox, area=int(xs.size), score=_finite(m.score), iou=_finite(m.iou),
-                                  present=m.present))
+def build_record(meta: FrameMeta, results: Sequence[ObjectResult], model_name: str,
+                 summaries: Optional[Sequence[MaskSummary]] = None) -> MaskletRecord:
+    """The masklet/v1 record of one frame from its objects' low-resolution results."""
+    results = sorted(results, key=lambda r: r.object_id)
+    size = (meta.height, meta.width)
+    if summaries is None:
+        summaries = [summarize_mask(r.low_res_logits, size) for r in results]
+    objects = [ObjectMask(object_id=r.object_id, rle=CocoRle(size=s.size, counts=s.counts), bbox=s.bbox,
+                          area=s.area, score=_finite(r.score), iou=_finite(r.iou), present=r.present)
+               for r, s in zip(results, summaries)]
     return MaskletRecord(stream_id=meta.stream_id, frame_idx=meta.frame_idx, pts=_finite(meta.pts),
                          width=meta.width, height=meta.height, model=model_name,
-                         dropped_frames_since_last=meta.dropped_since_last, objects=objects)
+                         dropped_frames_since_last=meta.dropped_since_last,
+                         lost_frames_since_last=meta.lost_since_last, revision=meta.revision, objects=objects)
 
 
 def _finite(value: float) -> float:
@@ -50,63 +59,86 @@ def _finite(value: float) -> float:
     return value if math.isfinite(value) else (0.0 if math.isnan(value) else math.copysign(1e30, value))
 
 
-class PublisherActor:
-    """`sink_factory(info)` builds this stream's sinks inside the actor (they hold files/encoders)."""
-
-    def __init__(self, info: StreamInfo, sink_factory: Callable[[StreamInfo], list[Any]],
-                 num_threads: int | None = 1) -> None:
-        limit_threads(num_threads)
+class _Stream:
+    def __init__(self, info: StreamInfo, sinks: list[Any]) -> None:
         self.info = info
-        self.sink_factory = sink_factory
-        self.sinks: list[Any] = []
+        self.sinks = sinks
         self.failed: set[int] = set()
+
+
+class PublisherActor:
+    def __init__(self, num_threads: int | None = 1) -> None:
+        limit_threads(num_threads)
+        self.streams: dict[str, _Stream] = {}
         self.stats = Stats()
 
-    def open(self) -> tuple[str, ...]:
+    def open(self, info: StreamInfo, sink_factory: Optional[Callable[[StreamInfo], list[Any]]] = None) -> tuple[str, ...]:
+        """`sink_factory(info)` builds this stream's sinks here (they hold files and video encoders)."""
         try:
-            self.sinks = list(self.sink_factory(self.info))
-        except Exception as exc:  # noqa: BLE001 - reported, the engine decides
+            sinks = list(sink_factory(info)) if sink_factory is not None else []
+        except Exception as exc:  # noqa: BLE001 - reported, the scheduler decides
             return (f"cannot set up outputs: {exc}",)
-        errors = [str(e) for e in (self._call(sink, "open") for sink in self.sinks) if e is not None]
+        stream = self.streams[info.stream_id] = _Stream(info, sinks)
+        errors = []
+        for i, sink in enumerate(sinks):
+            error = _call(sink, "open")
+            if error is not None:
+                stream.failed.add(i)
+                errors.append(str(error))
         return tuple(errors)
 
-    def publish(self, meta: FrameMeta, rgb: np.ndarray | None, *masks: TrackedMask) -> PublishAck:
+    def publish(self, meta: FrameMeta, rgb: Optional[np.ndarray], *results: Optional[ObjectResult]) -> PublishAck:
         start = time.perf_counter()
-        masks = tuple(sorted(masks, key=lambda m: m.object_id))
-        record = build_record(meta, masks, self.info.model_name)
-        frame = FrameOutput(record, rgb, {m.object_id: m.mask for m in masks},
-                            {m.object_id: m.logits for m in masks if m.logits is not None})
+        stream = self.streams.get(meta.stream_id)
+        if stream is None:
+            raise KeyError(f"stream {meta.stream_id!r} is not open on this publisher")
+        results = tuple(sorted((r for r in results if r is not None), key=lambda r: r.object_id))
+        size = (meta.height, meta.width)
+        summaries = [summarize_mask(r.low_res_logits, size) for r in results]
+        record = build_record(meta, results, stream.info.model_name, summaries)
         errors = []
-        for i, sink in enumerate(self.sinks):
-            if i in self.failed:
-                continue
-            error = self._call(sink, "write", frame)
-            if error is not None:
-                self.failed.add(i)
-                errors.append(str(error))
-        accepted = not self.failed
-        if accepted:
+        if stream.sinks:
+            masks = {r.object_id: s.to_mask() for r, s in zip(results, summaries)}
+            logits = ({r.object_id: upsample_logits(r.low_res_logits, size) for r in results}
+                      if stream.info.soft_masks else {})
+            frame = FrameOutput(record, rgb, masks, logits)
+            for i, sink in enumerate(stream.sinks):
+                if i in stream.failed:
+                    continue
+                error = _call(sink, "write", frame)
+                if error is not None:
+                    stream.failed.add(i)
+                    errors.append(str(error))
+        accepted = not stream.failed
+        if meta.republished:
+            self.stats.inc("masklet_revisions_published_total")
+        elif accepted:
             self.stats.inc("masklet_frames_published_total")
         else:
             self.stats.inc("masklet_frames_dropped_total", reason="sink_error")
         self.stats.observe("masklet_stage_latency_seconds", time.perf_counter() - start, stage="publish")
-        return PublishAck(meta.stream_id, meta.frame_idx, accepted, tuple(errors), len(masks))
+        return PublishAck(meta.stream_id, meta.frame_idx, accepted, tuple(errors), len(results),
+                          record if stream.info.return_records else None, meta.revision)
 
-    def close(self) -> tuple[str, ...]:
-        errors = [str(e) for i, sink in enumerate(self.sinks) if i not in self.failed
-                  for e in [self._call(sink, "close")] if e is not None]
-        self.sinks = []
-        return tuple(errors)
+    def close(self, stream_id: str) -> tuple[str, ...]:
+        stream = self.streams.pop(stream_id, None)
+        if stream is None:
+            return ()
+        return tuple(str(e) for i, sink in enumerate(stream.sinks) if i not in stream.failed
+                     for e in [_call(sink, "close")] if e is not None)
 
-    @staticmethod
-    def _call(sink: Any, method: str, *args: Any) -> Any:
-        try:
-            return getattr(sink, method)(*args)
-        except Exception as exc:  # noqa: BLE001 - a sink failure is an event, never a crash
-            return f"{getattr(sink, 'name', type(sink).__name__)}: {type(exc).__name__}: {exc}"
+    def report(self) -> dict:
+        return {"streams": sorted(self.streams), "node": node_id(), "pid": actor_pid()}
 
     def stats_snapshot(self):
         return self.stats.snapshot()
 
     def pid(self) -> int:
         return actor_pid()
+
+
+def _call(sink: Any, method: str, *args: Any) -> Any:
+    try:
+        return getattr(sink, method)(*args)
+    except Exception as exc:  # noqa: BLE001 - a sink failure is an event, never a crash
+        return f"{getattr(sink, 'name', type(sink).__name__)}: {type(exc).__name__}: {exc}"

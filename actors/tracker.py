@@ -1,19 +1,34 @@
-"""Tracker actors: one per (stream, object), owning that object's forward and backward trackers.
+"""Tracker actors: one process hosts many objects, from one or many streams, and steps them in batches.
 
-Steps arrive strictly in order per direction (the engine guarantees it; the model checks it).
-`snapshot()` returns both trackers' `state_dict()`s; a replacement actor built with that snapshot
-resumes exactly where the snapshot was taken, and the engine replays the frames after it.
+Each object keeps its own trackers (forward and, for files, backward) and so its own memory bank;
+the actor holds ONE tracking-only model copy for all of them. The object, not the actor, is the
+unit of placement, snapshot and recovery: the executor opens an object on whichever actor the
+placement policy picks, and reopens it from its last snapshot elsewhere when that actor dies.
+
+One call, `run(ops, *refs)`, carries every operation the executor has for this actor in one
+round, with the embeddings and snapshots the ops name as top-level arguments (`refs`, so Ray
+resolves them; the ops name them by index). Steps of different objects that follow each other
+go through the model as one batched step (`model.step_many`, grouped by memory shape inside, so
+results equal one-by-one stepping); an op on an object that already has a step in the batch
+closes the batch first, so every object still sees its own operations in order.
+
+`run` returns 1 + len(ops) values: a tuple of `OpStatus` (tiny: the executor reads only this),
+then one value per op (an `ObjectResult` for steps and refines, an `ObjectSnapshot` for
+snapshots, None otherwise) that travels on by reference to the publisher or the scheduler. A
+failing op (a prompt outside the frame, say) fails alone: its status carries the message and the
+other objects of the call go on.
 """
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from masklet.actors.payloads import ModelSpec, TrackedMask, actor_pid, as_embedding, limit_threads, tracker_class
+from masklet.actors.payloads import ModelSpec, ObjectResult, as_embedding, one_line, restore_tracker
+from masklet.actors.runtime import actor_pid, limit_threads, node_id
 from masklet.model.types import Prompt
 from masklet.monitoring.stats import Stats
 
@@ -21,84 +36,118 @@ FORWARD = "forward"
 BACKWARD = "backward"
 
 
+@dataclass(frozen=True, order=True)
+class ObjectKey:
+    """One tracked object: `serial` tells incarnations of one live object id apart (0 for files)."""
+
+    stream_id: str
+    object_id: int
+    serial: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.stream_id}/{self.object_id}" + (f".{self.serial}" if self.serial else "")
+
+
+# -- operations (ref fields index the positional refs of the `run` call) ------------------------
+
+
 @dataclass(frozen=True)
-class TrackerSnapshot:
-    forward_state: dict | None
-    forward_frame: int | None    # last frame the forward tracker had stepped
-    backward_state: dict | None
-    backward_frame: int | None   # last frame the backward tracker had stepped (None: not started)
+class OpenObject:
+    key: ObjectKey
+    video_size: tuple[int, int]
+    num_frames: Optional[int] = None
+    snapshot: int = -1           # index of an ObjectSnapshot among the refs; -1: a fresh object
 
 
-class TrackerCore:
-    """The tracking logic without any actor machinery (shares a model it does not own)."""
+@dataclass(frozen=True)
+class StepObject:
+    key: ObjectKey
+    direction: str
+    frame_idx: int
+    embedding: int
+    prompt: Optional[Prompt] = None
 
-    def __init__(self, model: Any, video_size: tuple[int, int], object_id: int,
-                 soft_masks: bool = False, snapshot: TrackerSnapshot | None = None) -> None:
-        self.model = model
-        self.video_size = tuple(video_size)
-        self.object_id = object_id
-        self.soft_masks = soft_masks
-        self.forward = None
-        self.backward = None
-        self.last = {FORWARD: None, BACKWARD: None}
+
+@dataclass(frozen=True)
+class RefineObject:
+    key: ObjectKey
+    embedding: int
+    prompt: Prompt
+
+
+@dataclass(frozen=True)
+class BranchBackward:
+    key: ObjectKey
+
+
+@dataclass(frozen=True)
+class SnapshotObject:
+    key: ObjectKey
+
+
+@dataclass(frozen=True)
+class CloseObject:
+    key: ObjectKey
+
+
+TrackerOp = Union[OpenObject, StepObject, RefineObject, BranchBackward, SnapshotObject, CloseObject]
+
+
+@dataclass(frozen=True)
+class OpStatus:
+    error: Optional[str] = None   # one line; None: the op succeeded
+    score: Optional[float] = None  # presence logit of a step/refine result
+
+
+@dataclass(frozen=True)
+class ObjectSnapshot:
+    """Everything an object needs to resume elsewhere: its trackers' `state_dict()`s."""
+
+    forward_state: Optional[dict]
+    forward_frame: Optional[int]    # last frame the forward tracker had stepped
+    backward_state: Optional[dict]
+    backward_frame: Optional[int]   # last frame the backward tracker had stepped (None: not started)
+
+
+class HostedObject:
+    """One object's trackers inside a tracker actor (shares the actor's model)."""
+
+    def __init__(self, model: Any, key: ObjectKey, video_size: tuple[int, int], num_frames: Optional[int],
+                 snapshot: Optional[ObjectSnapshot] = None) -> None:
+        self.model, self.key = model, key
+        self.video_size, self.num_frames = (int(video_size[0]), int(video_size[1])), num_frames
+        self.forward: Any = None
+        self.backward: Any = None
+        self.last: dict[str, Optional[int]] = {FORWARD: None, BACKWARD: None}
         if snapshot is not None:
-            cls = tracker_class(model)
             if snapshot.forward_state is not None:
-                self.forward = cls.from_state(model, snapshot.forward_state)
+                self.forward = restore_tracker(model, snapshot.forward_state)
             if snapshot.backward_state is not None:
-                self.backward = cls.from_state(model, snapshot.backward_state)
+                self.backward = restore_tracker(model, snapshot.backward_state)
             self.last = {FORWARD: snapshot.forward_frame, BACKWARD: snapshot.backward_frame}
 
-    @torch.inference_mode()
-    def step(self, direction: str, frame_idx: int, embedding: Any, prompt: Prompt | None) -> TrackedMask:
+    def tracker_for(self, direction: str) -> Any:
         if direction == FORWARD:
             if self.forward is None:
-                self.forward = self.model.new_tracker(video_size=self.video_size)
-            tracker = self.forward
-        else:
-            if self.backward is None:
-                raise RuntimeError(f"object {self.object_id}: backward step before start_backward")
-            tracker = self.backward
-        result = tracker.step(frame_idx, as_embedding(embedding, _device_of(self.model)), prompt)
-        self.last[direction] = frame_idx
-        return self._tracked(frame_idx, result)
+                kwargs = {} if self.num_frames is None else {"num_frames": self.num_frames}
+                self.forward = self.model.new_tracker(video_size=self.video_size, **kwargs)
+            return self.forward
+        if self.backward is None:
+            raise RuntimeError(f"object {self.key}: backward step before the backward branch")
+        return self.backward
 
-    @torch.inference_mode()
-    def refine(self, embedding: Any, prompt: Prompt) -> TrackedMask:
-        """Correct the forward tracker's most recent frame with clicks (the model's `refine`); live
-        sessions use it for `refine` prompts on the object's latest frame."""
-        if self.forward is None or self.last[FORWARD] is None:
-            raise RuntimeError(f"object {self.object_id}: refine before the first forward step")
-        result = self.forward.refine(as_embedding(embedding, _device_of(self.model)), prompt)
-        return self._tracked(self.last[FORWARD], result)
-
-    def _tracked(self, frame_idx: int, result: Any) -> TrackedMask:
-        logits = result.logits.detach().float().cpu()
-        return TrackedMask(self.object_id, frame_idx, (logits > 0).numpy(), float(result.score), float(result.iou),
-                           logits.numpy() if self.soft_masks else None)
-
-    def start_backward(self) -> None:
-        """Branch the backward tracker off the forward one (the engine calls this once the forward
-        tracker has seen the frames after the first prompt that seed the backward memory)."""
+    def branch_backward(self) -> None:
         if self.forward is None:
-            raise RuntimeError(f"object {self.object_id}: start_backward before the first forward step")
+            raise RuntimeError(f"object {self.key}: backward branch before the first forward step")
         self.backward = self.forward.reverse_tracker()
 
-    def snapshot(self) -> TrackerSnapshot:
-        return TrackerSnapshot(
+    def snapshot(self) -> ObjectSnapshot:
+        return ObjectSnapshot(
             None if self.forward is None else _detached(self.forward.state_dict()), self.last[FORWARD],
-            None if self.backward is None else _detached(self.backward.state_dict()), self.last[BACKWARD],
-        )
+            None if self.backward is None else _detached(self.backward.state_dict()), self.last[BACKWARD])
 
     def memory_bytes(self) -> int:
         return sum(t.memory_bytes() for t in (self.forward, self.backward) if t is not None)
-
-
-def _device_of(model: Any) -> str:
-    try:
-        return str(next(model.parameters()).device)
-    except (StopIteration, AttributeError, TypeError):
-        return "cpu"
 
 
 def _detached(state: Any) -> Any:
@@ -114,35 +163,144 @@ def _detached(state: Any) -> Any:
     return state
 
 
+def _device_of(model: Any) -> str:
+    try:
+        return str(next(model.parameters()).device)
+    except (StopIteration, AttributeError, TypeError):
+        return "cpu"
+
+
+def to_result(key: ObjectKey, mask_result: Any, video_size: tuple[int, int]) -> ObjectResult:
+    low = mask_result.low_res_logits.detach().float().cpu().reshape(mask_result.low_res_logits.shape[-2:])
+    return ObjectResult(key.object_id, int(mask_result.frame_idx), low.numpy(), float(mask_result.score),
+                        float(mask_result.iou), video_size)
+
+
 class TrackerActor:
-    def __init__(self, spec: ModelSpec, video_size: tuple[int, int], object_id: int, soft_masks: bool = False,
-                 snapshot: TrackerSnapshot | None = None, num_threads: int | None = 1) -> None:
+    """Hosts objects; see the module docstring. `num_threads` caps intra-op threads (1 per actor on CPU)."""
+
+    def __init__(self, spec: ModelSpec, num_threads: int | None = 1) -> None:
         limit_threads(num_threads)
-        self.core = TrackerCore(spec.build(with_image_encoder=False), video_size, object_id, soft_masks, snapshot)
+        self.model = spec.build(with_image_encoder=False)
+        self.device = _device_of(self.model)
+        self.objects: dict[ObjectKey, HostedObject] = {}
         self.stats = Stats()
+        self.batch_sizes: dict[int, int] = {}
 
-    def step(self, direction: str, frame_idx: int, embedding: Any, prompt: Prompt | None = None) -> TrackedMask:
+    # -- the one entry point ----------------------------------------------------------------
+
+    @torch.inference_mode()
+    def run(self, ops: Sequence[TrackerOp], *refs: Any) -> tuple:
+        statuses: list[OpStatus] = [OpStatus()] * len(ops)
+        values: list[Any] = [None] * len(ops)
+        embeddings: dict[int, Any] = {}
+        batch: list[int] = []   # indices of pending StepObject ops, distinct objects
+
+        def embedding(i: int) -> Any:
+            if i not in embeddings:  # one conversion per frame, however many objects read it
+                embeddings[i] = as_embedding(refs[i], self.device)
+            return embeddings[i]
+
+        def flush() -> None:
+            if batch:
+                self._step_batch([(i, ops[i]) for i in batch], embedding, statuses, values)
+                batch.clear()
+
+        for i, op in enumerate(ops):
+            if any(ops[j].key == op.key for j in batch):
+                flush()
+            if isinstance(op, StepObject):
+                batch.append(i)
+                continue
+            try:
+                values[i], statuses[i] = self._apply(op, refs, embedding)
+            except Exception as exc:  # noqa: BLE001 - one object's failure is its own
+                statuses[i] = OpStatus(error=one_line(exc))
+        flush()
+        return (tuple(statuses), *values)
+
+    def _apply(self, op: TrackerOp, refs: Sequence[Any], embedding: Any) -> tuple[Any, OpStatus]:
+        if isinstance(op, OpenObject):
+            snapshot = refs[op.snapshot] if op.snapshot >= 0 else None
+            self.objects[op.key] = HostedObject(self.model, op.key, op.video_size, op.num_frames, snapshot)
+            return None, OpStatus()
+        obj = self.objects.get(op.key)
+        if obj is None:
+            raise KeyError(f"object {op.key} is not hosted here")
+        if isinstance(op, RefineObject):
+            start = time.perf_counter()
+            if obj.forward is None or obj.last[FORWARD] is None:
+                raise RuntimeError(f"object {op.key}: refine before the first forward step")
+            result = to_result(op.key, obj.forward.refine(embedding(op.embedding), op.prompt), obj.video_size)
+            self.stats.observe("masklet_stage_latency_seconds", time.perf_counter() - start, stage="track")
+            return result, OpStatus(score=result.score)
+        if isinstance(op, BranchBackward):
+            obj.branch_backward()
+        elif isinstance(op, SnapshotObject):
+            return obj.snapshot(), OpStatus()
+        elif isinstance(op, CloseObject):
+            del self.objects[op.key]
+        else:  # pragma: no cover - an executor/actor mismatch is a bug
+            raise TypeError(f"unknown tracker op {op!r}")
+        return None, OpStatus()
+
+    def _step_batch(self, batch: list[tuple[int, StepObject]], embedding: Any,
+                    statuses: list[OpStatus], values: list[Any]) -> None:
+        """Step distinct objects together; if the batched call fails, step them one by one so only
+        the failing object reports the error."""
         start = time.perf_counter()
-        out = self.core.step(direction, frame_idx, embedding, prompt)
-        self.stats.observe("masklet_stage_latency_seconds", time.perf_counter() - start, stage="track")
-        return out
+        ready: list[tuple[int, StepObject, HostedObject, Any]] = []
+        for i, op in batch:
+            try:
+                obj = self.objects[op.key] if op.key in self.objects else None
+                if obj is None:
+                    raise KeyError(f"object {op.key} is not hosted here")
+                ready.append((i, op, obj, obj.tracker_for(op.direction)))
+            except Exception as exc:  # noqa: BLE001
+                statuses[i] = OpStatus(error=one_line(exc))
+        step_many = getattr(self.model, "step_many", None)
+        results: Optional[list] = None
+        if step_many is not None and len(ready) > 1:
+            try:
+                results = list(step_many([_request(t, op.frame_idx, embedding(op.embedding), op.prompt)
+                                          for _, op, _, t in ready]))
+            except Exception:  # noqa: BLE001 - find the culprit one by one below
+                results = None
+        for n, (i, op, obj, tracker) in enumerate(ready):
+            try:
+                raw = results[n] if results is not None else tracker.step(op.frame_idx, embedding(op.embedding),
+                                                                          op.prompt)
+                obj.last[op.direction] = op.frame_idx
+                values[i] = to_result(op.key, raw, obj.video_size)
+                statuses[i] = OpStatus(score=values[i].score)
+            except Exception as exc:  # noqa: BLE001
+                statuses[i] = OpStatus(error=one_line(exc))
+        if ready:
+            self.batch_sizes[len(ready)] = self.batch_sizes.get(len(ready), 0) + 1
+            self.stats.observe("masklet_tracker_batch_size", len(ready))
+            elapsed = time.perf_counter() - start
+            for _ in ready:
+                self.stats.observe("masklet_stage_latency_seconds", elapsed, stage="track")
 
-    def refine(self, embedding: Any, prompt: Prompt) -> TrackedMask:
-        start = time.perf_counter()
-        out = self.core.refine(embedding, prompt)
-        self.stats.observe("masklet_stage_latency_seconds", time.perf_counter() - start, stage="track")
-        return out
+    # -- housekeeping -----------------------------------------------------------------------
 
-    def start_backward(self) -> None:
-        self.core.start_backward()
+    def hosted(self) -> list[ObjectKey]:
+        return sorted(self.objects)
 
-    def snapshot(self) -> TrackerSnapshot:
-        return self.core.snapshot()
+    def report(self) -> dict:
+        return {"batch_sizes": dict(self.batch_sizes), "objects": len(self.objects), "node": node_id(),
+                "pid": actor_pid()}
 
     def stats_snapshot(self):
-        self.stats.set("masklet_tracker_memory_bank_bytes", self.core.memory_bytes())
-        self.stats.set("masklet_active_objects", 1)
+        self.stats.set("masklet_tracker_memory_bank_bytes", sum(o.memory_bytes() for o in self.objects.values()))
+        self.stats.set("masklet_active_objects", len(self.objects))
         return self.stats.snapshot()
 
     def pid(self) -> int:
         return actor_pid()
+
+
+def _request(tracker: Any, frame_idx: int, embedding: Any, prompt: Optional[Prompt]) -> Any:
+    from masklet.model import StepRequest  # the model's batched-step request (masklet.model.batched_step)
+
+    return StepRequest(tracker=tracker, frame_idx=frame_idx, embedding=embedding, prompt=prompt)

@@ -80,12 +80,40 @@ METRICS: dict[str, MetricSpec] = {
         "gauge", "Objects currently being tracked across all streams."),
     "masklet_tracker_memory_bank_bytes": MetricSpec(
         "gauge", "Bytes held by tracker memory banks."),
+    "masklet_tracker_batch_size": MetricSpec(
+        "histogram", "Objects per batched tracker step (one forward pass).", buckets=BATCH_SIZE_BUCKETS),
+    "masklet_tracker_actors": MetricSpec(
+        "gauge", "Tracker actor processes hosting objects (objects are packed onto them)."),
+    "masklet_revisions_published_total": MetricSpec(
+        "counter", "Records republished with a higher revision because a late prompt changed their frame."),
+    "masklet_object_recoveries_total": MetricSpec(
+        "counter", "Objects reopened from their snapshot after their tracker actor died."),
     "masklet_kafka_consumer_lag": MetricSpec(
         "gauge", "Messages between the committed offset and the end of the input topics."),
     "masklet_reconnects_total": MetricSpec(
         "counter", "Reconnections to a live source.", ("source_type",)),
     "masklet_deadletter_total": MetricSpec(
         "counter", "Messages sent to the dead-letter topic, by reason.", ("reason",)),
+    "masklet_frames_lost_total": MetricSpec(
+        "counter", "Frames missing from a stream's frame indices after the reorder window (lost upstream, "
+                   "e.g. by a broker restart); reported in the next record's lost_frames_since_last."),
+    "masklet_frames_redelivered_total": MetricSpec(
+        "counter", "Frames read again after they were accounted for: duplicate (published before) or "
+                   "late (reported lost before).", ("kind",),
+        allowed_values={"kind": ("duplicate", "late")}),
+    "masklet_kafka_prompt_waits_total": MetricSpec(
+        "counter", "Frames that waited for their stream's prompts partition to be read up to date, by how "
+                   "the wait ended.", ("outcome",),
+        allowed_values={"outcome": ("caught_up", "timed_out", "unpaired")}),
+    "masklet_kafka_prompt_wait_seconds": MetricSpec(
+        "histogram", "How long a waiting frame waited for its stream's prompts partition.",
+        buckets=STAGE_LATENCY_BUCKETS),
+    "masklet_kafka_forwarded_total": MetricSpec(
+        "counter", "Records forwarded to their stream's home partition (a producer with another "
+                   "partitioner put them elsewhere).", ("topic",),
+        allowed_values={"topic": ("frames", "prompts")}),
+    "masklet_records_revised_total": MetricSpec(
+        "counter", "Revised masklet records published (a late prompt changed frames already published)."),
 }
 
 

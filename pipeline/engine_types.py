@@ -9,32 +9,24 @@ from masklet.actors.payloads import StreamInfo
 from masklet.model.types import Prompt
 from masklet.monitoring.stats import StatsSnapshot
 from masklet.pipeline.batching import OverflowPolicy
-from masklet.pipeline.config import require_bounds
+from masklet.pipeline.executor_config import ExecutorConfig, require_bounds
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    max_batch_size: int = 4           # frames per encoder forward pass, from any streams
-    max_wait_ms: float = 5.0          # how long a partial batch may wait for more frames
+    """The offline (file) scheduler's settings; `executor` holds what both schedulers share."""
+
+    executor: ExecutorConfig = ExecutorConfig(max_batch_size=4)
     queue_capacity: int = 16          # per stream: frames in flight (WAIT) or queued for encoding
     replay_frames: int = 64           # per stream: frames kept for tracker replay
     snapshot_every: int = 30          # tracker snapshot interval, in steps (<= replay_frames)
-    backward_delay: int = 0           # see StreamController; the real model needs max_obj_ptrs - 1
+    backward_delay: int = 0           # see FileStream; the real model needs max_obj_ptrs - 1
     decode_chunk: int = 4             # frames per decoder call: fewer round trips, same order
-    encoder_queue_depth: int = 2      # batches submitted ahead so the encoder never idles
-    encoder_threads: int | None = None  # None: every core the encoder process may use
-    tracker_threads: int | None = 1   # many trackers share few cores: one thread each
-    encoder_gpus: float = 0.0         # Ray GPU share of the encoder (fractions share one GPU)
-    tracker_gpus: float = 0.0         # Ray GPU share of each tracker actor
-    soft_masks: bool = False          # ship logits to the publisher for 8-bit alpha mattes
-    max_encoder_restarts: int = 3     # per run; beyond it the remaining streams fail
-    max_tracker_restarts: int = 8     # per run, all objects together
+    soft_masks: bool = False          # 8-bit alpha mattes (the publisher upsamples the logits)
 
     def __post_init__(self) -> None:
-        require_bounds(self, at_least_one=("max_batch_size", "queue_capacity", "replay_frames", "snapshot_every",
-                                           "decode_chunk", "encoder_queue_depth"),
-                       non_negative=("max_wait_ms", "backward_delay", "encoder_gpus", "tracker_gpus",
-                                     "max_encoder_restarts", "max_tracker_restarts"))
+        require_bounds(self, at_least_one=("queue_capacity", "replay_frames", "snapshot_every", "decode_chunk"),
+                       non_negative=("backward_delay",))
         if self.snapshot_every > self.replay_frames:
             raise ValueError(f"EngineConfig.snapshot_every ({self.snapshot_every}) must not exceed replay_frames "
                              f"({self.replay_frames}): replay starts at the last snapshot")
@@ -85,3 +77,5 @@ class RunReport:
     stats: StatsSnapshot
     encoder_restarts: int = 0
     tracker_restarts: int = 0
+    tracker_batch_sizes: Counter = field(default_factory=Counter)  # objects per batched tracker step
+    actors: dict = field(default_factory=dict)                     # actor name -> report (node, pid, ...)

@@ -3,7 +3,9 @@
 FakeModel.encode turns each frame into a FrameEmbedding whose image_embed carries the frame's
 colours on the S/16 grid. A FakeTracker learns the colour under its prompt and, every step,
 masks the grid cells near that colour, then moves its target colour towards the masked mean, so
-its output depends on its whole history (which is what snapshot/resume must preserve).
+its output depends on its whole history (which is what snapshot/resume must preserve). Its
+low-resolution logits live on that grid; the mask is their bilinear upsampling, as for SAM 2.
+FakeModel and FakeTracker are checked against `masklet.model.protocols` (tests/pipeline/test_fakes.py).
 """
 from __future__ import annotations
 
@@ -17,12 +19,17 @@ import torch.nn.functional as F
 from masklet.model.types import FrameEmbedding, MaskResult, Prompt
 
 
+@dataclass(frozen=True)
+class FakeConfig:
+    name: str = "fake"
+
+
 class FakeModel(torch.nn.Module):
     def __init__(self, image_size: int = 64) -> None:
         super().__init__()
         self.image_size = image_size
+        self.config = FakeConfig()
         self.batch_sizes: list[int] = []
-        self.tracker_class = FakeTracker
 
     @torch.no_grad()
     def encode(self, frames) -> list[FrameEmbedding]:
@@ -37,8 +44,12 @@ class FakeModel(torch.nn.Module):
         top = top.repeat(1, 86, 1, 1)[:, :256]
         return [FrameEmbedding((out[0][i].clone(), out[1][i].clone()), top[i].clone()) for i in range(x.shape[0])]
 
-    def new_tracker(self, video_size: tuple[int, int], num_frames: int | None = None) -> "FakeTracker":
-        return FakeTracker(self, video_size)
+    def new_tracker(self, video_size: tuple[int, int], num_frames: int | None = None, *,
+                    reverse: bool = False) -> "FakeTracker":
+        return FakeTracker(self, video_size, direction=-1 if reverse else 1)
+
+    def restore_tracker(self, state: dict) -> "FakeTracker":
+        return FakeTracker.from_state(self, state)
 
 
 class FakeTracker:
@@ -48,7 +59,9 @@ class FakeTracker:
         self.direction = direction
         self.target: torch.Tensor | None = None
         self.last_frame: int | None = None
+        self.last_frame_idx: int | None = None  # the protocol's name for it
         self.first_prompt_frame: int | None = None
+        self.seed: torch.Tensor | None = None
         self.steps = 0
 
     def _check_order(self, frame_idx: int) -> None:
@@ -72,6 +85,9 @@ class FakeTracker:
             self.target = colours[:, gy, gx].clone()
             if self.first_prompt_frame is None:
                 self.first_prompt_frame = frame_idx
+                # Like SAM 2's reverse seed, what a backward branch starts from is fixed at the first
+                # prompt, so it does not depend on when the branch is taken.
+                self.seed = self.target.clone()
         if self.target is None:
             raise RuntimeError("tracker stepped before its first prompt")
         distance = (colours - self.target[:, None, None]).abs().sum(0)
@@ -79,12 +95,13 @@ class FakeTracker:
         mask = low > 0
         if mask.any():
             self.target = 0.9 * self.target + 0.1 * colours[:, mask].mean(1)
-        logits = F.interpolate(low[None, None], size=self.video_size, mode="nearest")[0, 0]
         self.last_frame = frame_idx
+        self.last_frame_idx = frame_idx
         self.steps += 1
         score = float(mask.float().mean() * 10 - 0.5)
-        return MaskResult(frame_idx=frame_idx, logits=logits, score=score, iou=float(mask.float().mean()),
-                          low_res_logits=low[None], is_conditioning=prompt is not None)
+        return MaskResult(frame_idx=frame_idx, low_res_logits=low[None].float(), score=score,
+                          iou=float(mask.float().mean()), video_size=self.video_size,
+                          is_conditioning=prompt is not None)
 
     def refine(self, embedding: FrameEmbedding, prompt: Prompt) -> MaskResult:
         frame, self.last_frame = self.last_frame, None if self.last_frame is None else self.last_frame - self.direction
@@ -96,12 +113,14 @@ class FakeTracker:
         rt = FakeTracker(self.model, self.video_size, direction=-1)
         rt.last_frame = self.first_prompt_frame
         rt.first_prompt_frame = self.first_prompt_frame
-        rt.target = None if self.target is None else self.target.clone()
+        rt.target = self.seed.clone()
+        rt.seed = self.seed.clone()
         return rt
 
     def state_dict(self) -> dict:
         return {"video_size": torch.tensor(self.video_size), "direction": self.direction,
                 "target": None if self.target is None else self.target.clone(),
+                "seed": None if self.seed is None else self.seed.clone(),
                 "last_frame": -1 if self.last_frame is None else self.last_frame,
                 "first_prompt_frame": -1 if self.first_prompt_frame is None else self.first_prompt_frame,
                 "steps": self.steps}
@@ -110,7 +129,9 @@ class FakeTracker:
     def from_state(cls, model: FakeModel, state: dict) -> "FakeTracker":
         t = cls(model, tuple(int(v) for v in state["video_size"]), direction=int(state["direction"]))
         t.target = None if state["target"] is None else torch.as_tensor(state["target"]).clone()
+        t.seed = None if state["seed"] is None else torch.as_tensor(state["seed"]).clone()
         t.last_frame = None if state["last_frame"] < 0 else int(state["last_frame"])
+        t.last_frame_idx = t.last_frame
         t.first_prompt_frame = None if state["first_prompt_frame"] < 0 else int(state["first_prompt_frame"])
         t.steps = int(state["steps"])
         return t

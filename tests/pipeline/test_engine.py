@@ -11,6 +11,7 @@ from masklet.model.types import Prompt
 from masklet.actors.backend import ActorDiedError, InProcessBackend
 from masklet.pipeline.batching import BoundedQueue, DynamicBatcher, OverflowPolicy, QueueFull
 from masklet.pipeline.engine import Engine, EngineConfig, StreamSpec
+from masklet.pipeline.executor_config import ExecutorConfig
 from masklet.actors.rle import decode_rle
 from tests.pipeline.fakes import FakeModel, FakeSource, fake_opener, synthetic_frames
 
@@ -45,6 +46,15 @@ class ListSinks:
         return [ListSink(info.stream_id, self.fail_at)]
 
 
+_EXECUTOR_FIELDS = set(ExecutorConfig.__dataclass_fields__)
+
+
+def cfg(**kw) -> EngineConfig:
+    """An EngineConfig from flat keywords: executor settings go to its `executor`."""
+    executor = {k: kw.pop(k) for k in list(kw) if k in _EXECUTOR_FIELDS}
+    return EngineConfig(executor=ExecutorConfig(**executor), **kw)
+
+
 def point(x, y):
     return Prompt(points=[[x, y]], labels=[1])
 
@@ -55,7 +65,8 @@ def stream(sid, n=10, objects=None, fail_at=None, sink_fail_at=None, **kw):
                       ListSinks(sink_fail_at))
 
 
-def run(streams, config=EngineConfig(max_batch_size=4, max_wait_ms=0), backend=None):
+def run(streams, config=None, backend=None):
+    config = config or cfg(max_batch_size=4, max_wait_ms=0)
     engine = Engine(backend or InProcessBackend(), FAKE, config)
     return engine.run(streams), engine
 
@@ -99,13 +110,13 @@ def test_one_record_per_frame_in_order_and_equal_to_model():
 
 def test_backward_propagation_covers_frames_before_first_prompt():
     prompts = {1: {4: point(20, 20)}, 2: {0: point(40, 10)}}
-    report, _ = run([stream("b", 9, prompts)], EngineConfig(max_batch_size=3, max_wait_ms=0, backward_delay=2))
+    report, _ = run([stream("b", 9, prompts)], cfg(max_batch_size=3, max_wait_ms=0, backward_delay=2))
     assert report.streams["b"].frames_published == 9
     assert_same(masks_of("b"), direct_masks(9, prompts))
 
 
 def test_batching_across_streams_changes_nothing():
-    together, _ = run([stream("x", 8, seed=1), stream("y", 8, seed=2)], EngineConfig(max_batch_size=8, max_wait_ms=0))
+    together, _ = run([stream("x", 8, seed=1), stream("y", 8, seed=2)], cfg(max_batch_size=8, max_wait_ms=0))
     both = masks_of("x"), masks_of("y")
     assert max(together.batch_sizes) > 4, together.batch_sizes  # frames of both streams in one pass
     run([stream("x", 8, seed=1)])
@@ -115,7 +126,7 @@ def test_batching_across_streams_changes_nothing():
 
 
 def test_wait_policy_never_drops_even_with_tiny_queues():
-    config = EngineConfig(max_batch_size=2, max_wait_ms=0, queue_capacity=2, replay_frames=3, snapshot_every=2,
+    config = cfg(max_batch_size=2, max_wait_ms=0, queue_capacity=2, replay_frames=3, snapshot_every=2,
                           decode_chunk=1)
     report, _ = run([stream("w", 25)], config)
     assert report.streams["w"].frames_published == 25
@@ -168,11 +179,11 @@ class DyingBackend(InProcessBackend):
         return super().call(actor, method, *args, num_returns=num_returns)
 
 
-@pytest.mark.parametrize("name_part, method, at_call", [("tracker", "step", 7), ("tracker", "step", 2),
+@pytest.mark.parametrize("name_part, method, at_call", [("tracker", "run", 4), ("tracker", "run", 2),
                                                         ("encoder", "encode", 2)])
 def test_actor_death_is_recovered_without_gaps(name_part, method, at_call):
     prompts = {1: {3: point(20, 20)}}
-    config = EngineConfig(max_batch_size=2, max_wait_ms=0, snapshot_every=3, replay_frames=6, backward_delay=1)
+    config = cfg(max_batch_size=2, max_wait_ms=0, snapshot_every=3, replay_frames=6, backward_delay=1)
     report, engine = run([stream("r", 12, prompts)], config, DyingBackend(name_part, method, at_call))
     assert report.streams["r"].ok, report.streams["r"].error
     assert [r.frame_idx for r in ListSink.written["r"]] == list(range(12))
@@ -207,4 +218,4 @@ def test_batcher_releases_when_full_or_timed_out():
                                               ({"snapshot_every": 10, "replay_frames": 5}, "snapshot_every")])
 def test_engine_config_rejects_bad_values_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
-        EngineConfig(**overrides)
+        cfg(**overrides)

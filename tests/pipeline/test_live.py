@@ -8,6 +8,8 @@ from masklet.actors.payloads import EmbeddingPayload, ModelSpec
 from masklet.model.types import Prompt
 from masklet.monitoring.stats import frames_reconcile
 from masklet.actors.backend import InProcessBackend
+from masklet.actors.tracker import CloseObject, ObjectKey, RefineObject
+from masklet.pipeline.executor_config import ExecutorConfig
 from masklet.pipeline.live import LiveConfig, LiveSession, PromptRejected
 from masklet.actors.messages import PromptMessage
 from masklet.actors.rle import decode_rle
@@ -27,9 +29,23 @@ def add(sid: str, obj: int, frame: int, action: str = "add") -> PromptMessage:
     return PromptMessage(stream_id=sid, object_id=obj, frame_idx=frame, action=action, points=[(x, y)], labels=[1])
 
 
-def session(**config) -> tuple[LiveSession, InProcessBackend]:
-    backend = InProcessBackend()
-    return LiveSession(backend, FAKE, LiveConfig(**config)), backend
+class SpyBackend(InProcessBackend):
+    """Records every tracker op it carries, so tests can see which objects were refined or closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list = []
+
+    def call(self, actor, method, *args, num_returns=1):
+        if method == "run":
+            self.ops += list(args[0])
+        return super().call(actor, method, *args, num_returns=num_returns)
+
+
+def session(**config) -> tuple[LiveSession, SpyBackend]:
+    backend = SpyBackend()
+    executor = {k: config.pop(k) for k in list(config) if k in ExecutorConfig.__dataclass_fields__}
+    return LiveSession(backend, FAKE, LiveConfig(executor=ExecutorConfig(**executor), **config)), backend
 
 
 def feed(ses: LiveSession, sid: str, frames: range, poll: bool = True) -> list:
@@ -104,9 +120,9 @@ def test_drop_oldest_counts_and_reports_every_drop():
     assert snap.value("masklet_frames_published_total") == 3 and frames_reconcile(snap)
     assert ses.status("cam").frames_dropped == 7
 
-    ses.submit_frame("cam", 5, 0.2, FRAMES[5], token="late")  # not newer: refused, counted, settled later
+    ses.submit_frame("cam", 5, 0.2, FRAMES[5], token="late")  # not newer: refused, counted, reported next
     outs = feed(ses, "cam", range(10, 11)) + drain(ses, 3)
-    assert outs[0].tokens == ("late", 10) and outs[0].record.dropped_frames_since_last == 0
+    assert outs[0].tokens == ("late", 10) and outs[0].record.dropped_frames_since_last == 1
     assert ses.stats_snapshot().value("masklet_frames_dropped_total", reason="out_of_order") == 1
     ses.shutdown()
 
@@ -117,13 +133,18 @@ def test_late_prompt_at_a_buffered_frame_catches_up():
     published = feed(ses, "cam", range(12)) + drain(ses, 3)
     assert len(published) == 12
     ses.submit_prompt(add("cam", 1, 7))  # frame 7 is in the ring (4..11) and already published
-    outs = drain(ses, 5)
-    assert outs == []  # published records are not re-published
+    revised = drain(ses, 5)
+    # The catch-up republishes the frames it changed, in order, one revision up, tokens already settled.
+    assert [(o.record.frame_idx, o.record.revision, o.tokens) for o in revised] == [(j, 1, ()) for j in range(7, 12)]
+    assert objects(revised) == {j: [1] for j in range(7, 12)}
     outs = feed(ses, "cam", range(12, 16)) + drain(ses, 3)
     assert objects(outs) == {12: [1], 13: [1], 14: [1], 15: [1]}
+    assert all(o.record.revision == 0 for o in outs)
     ref = reference_masks(7, 16)  # applied at 7, then caught up through 8..11 before 12
-    for o in outs:
+    for o in revised + outs:
         assert np.array_equal(o.masks[1], ref[o.record.frame_idx])
+    assert ses.status("cam").revisions == 5
+    assert ses.stats_snapshot().value("masklet_revisions_published_total") == 5
     with pytest.raises(PromptRejected) as err:
         ses.submit_prompt(add("cam", 2, 2))  # evicted from the ring
     assert err.value.reason == "frame_too_old"
@@ -147,10 +168,13 @@ def test_remove_and_refine():
     assert err.value.reason == "not_latest_frame"
     ses.submit_prompt(PromptMessage(stream_id="cam", object_id=2, frame_idx=6, action="remove"))
     outs = feed(ses, "cam", range(4, 9)) + drain(ses, 3)
-    assert [m for n, m in backend.calls if n.endswith("tracker-1.0")].count("refine") == 1
-    assert objects(outs) == {4: [1, 2], 5: [1, 2], 6: [1], 7: [1], 8: [1]}
-    tracker2 = [n for n, _ in backend.calls if "tracker-2" in n][0]
-    assert backend.calls[-1][0] != tracker2 and set(ses.status("cam").objects) == {1}
+    assert [op.key.object_id for op in backend.ops if isinstance(op, RefineObject)] == [1]
+    # the refine corrected frame 3, already published: it comes again as revision 1
+    assert [o.record.revision for o in outs if o.record.frame_idx == 3] == [1]
+    assert objects(outs) == {3: [1, 2], 4: [1, 2], 5: [1, 2], 6: [1], 7: [1], 8: [1]}
+    closed = [op.key for op in backend.ops if isinstance(op, CloseObject)]
+    assert [k.object_id for k in closed] == [2] and closed[0] not in ses.executor.trackers
+    assert set(ses.status("cam").objects) == {1}
 
     for msg, reason in [(add("nope", 1, 0), "unknown_stream"),
                         (PromptMessage(stream_id="cam", object_id=9, frame_idx=9, action="remove"), "unknown_object"),
@@ -167,7 +191,8 @@ def test_tracker_death_resumes_from_snapshot_with_identical_masks():
     ses.open_stream("cam", W, H)
     ses.submit_prompt(add("cam", 1, 0))
     outs = feed(ses, "cam", range(8))
-    backend.kill(ses._streams["cam"].trackers[(1, 0)])
+    key = next(k for k in [ObjectKey("cam", 1, s) for s in range(3)] if k in ses.executor.trackers)
+    backend.kill(ses.executor.trackers.actor_of(key))
     outs += feed(ses, "cam", range(8, 14)) + drain(ses, 3)
     assert ses.tracker_restarts == 1 and any("restarted from frame" in e for e in ses.events)
     ref = reference_masks(0, 14)
@@ -207,7 +232,10 @@ def test_late_prompt_at_the_oldest_buffered_frame_is_not_evicted_under_it():
     ses.submit_prompt(add("cam", 1, oldest))  # the ring is over its size until the next round evicts
     outs = drain(ses, 3) + feed(ses, "cam", range(10, 13)) + drain(ses, 3)
     ref = reference_masks(oldest, 13)
-    assert objects(outs) == {10: [1], 11: [1], 12: [1]}
+    # frames oldest..9 were published without the object: they come again as revision 1
+    assert [(o.record.frame_idx, o.record.revision) for o in outs] == \
+        [(j, 1) for j in range(oldest, 10)] + [(10, 0), (11, 0), (12, 0)]
+    assert objects(outs) == {j: [1] for j in range(oldest, 13)}
     for o in outs:
         assert np.array_equal(o.masks[1], ref[o.record.frame_idx])
     assert len(ses._streams["cam"].state.ring) <= 4 + 1

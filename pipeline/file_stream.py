@@ -1,12 +1,13 @@
 """Per-stream state machine: which frames are in flight, what each object's trackers must do next,
 which embeddings must be kept for replay, and which frame may be published.
 
-Pure logic, no backend: the engine feeds it events (`admit`, `on_encoded`, `on_step_done`, ...)
-and executes the small command values `schedule()` returns, in order.
+Pure logic, no backend: the offline engine feeds it events (`admit`, `on_encoded`, `on_step_done`,
+...) and hands the commands `schedule()` returns (`pipeline.commands`, the vocabulary the live
+scheduler uses too) to the shared executor, in order.
 
 Backward propagation (files): an object first prompted at frame k is stepped forward from k. Once
 the forward tracker has stepped k + `backward_delay` (or the input ended), a backward tracker is
-branched off (`StartBackward`) and steps k-1 down to 0. The delay matters: the official predictor
+branched off (`BranchBackward`) and steps k-1 down to 0. The delay matters: the official predictor
 runs `reverse=True` after the forward pass, so its backward memory holds the forward results of
 the frames just after k; the model's reverse tracker is seeded from exactly those frames. Frames
 before k wait, with their embeddings, for the backward pass; they, and finished frames waiting
@@ -23,8 +24,9 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from masklet.actors.payloads import FrameMeta
-from masklet.actors.tracker import BACKWARD, FORWARD
+from masklet.actors.tracker import BACKWARD, FORWARD, ObjectKey
 from masklet.model.types import Prompt
+from masklet.pipeline import commands as c
 from masklet.pipeline.batching import OverflowPolicy
 
 
@@ -32,41 +34,13 @@ class StreamError(RuntimeError):
     """The stream cannot go on (bad prompt, input shorter than a prompt frame); one-line message."""
 
 
-# -- commands ---------------------------------------------------------------------------------
-
-
 @dataclass(frozen=True)
-class CreateTracker:
-    object_id: int
-    snapshot: Any = None  # reference to a TrackerSnapshot, or None for a fresh tracker
+class SnapshotTag:
+    """What a snapshot covers, returned with its completion."""
 
-
-@dataclass(frozen=True)
-class Step:
-    object_id: int
-    direction: str
-    frame_idx: int
-    embedding: Any
-    prompt: Prompt | None = None
-
-
-@dataclass(frozen=True)
-class StartBackward:
-    object_id: int
-
-
-@dataclass(frozen=True)
-class Snapshot:
     object_id: int
     forward_frame: int | None
     backward_frame: int | None
-
-
-@dataclass(frozen=True)
-class Publish:
-    meta: FrameMeta
-    rgb: Any
-    results: tuple[Any, ...]  # one reference per object, ordered by object id
 
 
 # -- state ------------------------------------------------------------------------------------
@@ -103,7 +77,7 @@ class ObjectState:
         return min(self.prompts)
 
 
-class StreamController:
+class FileStream:
     def __init__(self, stream_id: str, objects: Mapping[int, Mapping[int, Prompt]], *, bidirectional: bool = True,
                  policy: OverflowPolicy = OverflowPolicy.WAIT, queue_capacity: int = 16,
                  replay_frames: int = 64, snapshot_every: int = 30, backward_delay: int = 0) -> None:
@@ -204,11 +178,11 @@ class StreamController:
                 break
             if not obj.created:
                 obj.created = True
-                out.append(CreateTracker(obj.object_id))
+                out.append(c.OpenObject(self.key(obj.object_id), self.video_size))
             prompt = self._prompt_due(obj, j)
             if prompt is not None:
                 obj.applied[j] = prompt
-            out.append(Step(obj.object_id, FORWARD, j, embedding, prompt))
+            out.append(c.Step(self.key(obj.object_id), j, embedding, prompt, FORWARD, tag=obj.object_id))
             obj.forward_cursor = j
             if obj.anchor is None:
                 obj.anchor = j
@@ -227,7 +201,7 @@ class StreamController:
         obj.backward_started = True
         obj.backward_cursor = obj.anchor
         obj.backward_branch = obj.forward_cursor
-        return [StartBackward(obj.object_id), self._snapshot(obj)]
+        return [c.BranchBackward(self.key(obj.object_id)), self._snapshot(obj)]
 
     def _schedule_backward(self, obj: ObjectState) -> list[Any]:
         out: list[Any] = []
@@ -236,7 +210,7 @@ class StreamController:
         for j in sorted((k for k in self.slots if k < obj.backward_cursor), reverse=True):
             if j not in self.embeddings:
                 break  # not encoded yet; backward steps must not skip a frame
-            out.append(Step(obj.object_id, BACKWARD, j, self.embeddings[j], None))
+            out.append(c.Step(self.key(obj.object_id), j, self.embeddings[j], None, BACKWARD, tag=obj.object_id))
             obj.backward_cursor = j
             out += self._count_step(obj)
         return out
@@ -250,9 +224,13 @@ class StreamController:
         obj.steps_since_snapshot += 1
         return [self._snapshot(obj)] if obj.steps_since_snapshot >= self.snapshot_every else []
 
-    def _snapshot(self, obj: ObjectState) -> Snapshot:
+    def _snapshot(self, obj: ObjectState) -> c.Snapshot:
         obj.steps_since_snapshot = 0
-        return Snapshot(obj.object_id, obj.forward_cursor, obj.backward_cursor if obj.backward_started else None)
+        tag = SnapshotTag(obj.object_id, obj.forward_cursor, obj.backward_cursor if obj.backward_started else None)
+        return c.Snapshot(self.key(obj.object_id), tag)
+
+    def key(self, object_id: int) -> ObjectKey:
+        return ObjectKey(self.stream_id, object_id)
 
     def _schedule_publish(self) -> list[Any]:
         out = []
@@ -264,7 +242,7 @@ class StreamController:
             del self.slots[j]
             height, width = self.video_size or (0, 0)
             meta = FrameMeta(self.stream_id, j, slot.pts, width, height, slot.dropped_before)
-            out.append(Publish(meta, slot.rgb, tuple(slot.results[o] for o in sorted(expected))))
+            out.append(c.Publish(meta, slot.rgb, tuple(slot.results[o] for o in sorted(expected))))
         return out
 
     # -- updates ----------------------------------------------------------------------------
@@ -274,11 +252,11 @@ class StreamController:
         if slot is not None:
             slot.results[object_id] = result
 
-    def on_snapshot_done(self, command: Snapshot, snapshot: Any) -> None:
-        obj = self.objects[command.object_id]
-        if obj.safe_forward is not None and command.forward_frame is not None and command.forward_frame < obj.safe_forward:
+    def on_snapshot_done(self, tag: SnapshotTag, snapshot: Any) -> None:
+        obj = self.objects[tag.object_id]
+        if obj.safe_forward is not None and tag.forward_frame is not None and tag.forward_frame < obj.safe_forward:
             return  # an older snapshot finishing late must not move the replay point back
-        obj.snapshot, obj.safe_forward, obj.safe_backward = snapshot, command.forward_frame, command.backward_frame
+        obj.snapshot, obj.safe_forward, obj.safe_backward = snapshot, tag.forward_frame, tag.backward_frame
         self._release_embeddings()
 
     def on_published(self) -> None:
@@ -289,17 +267,18 @@ class StreamController:
         obj = self.objects[object_id]
         if not obj.created:
             return []
-        out: list[Any] = [CreateTracker(object_id, obj.snapshot)]
+        key = self.key(object_id)
+        out: list[Any] = [c.OpenObject(key, self.video_size, snapshot=obj.snapshot)]
         start = obj.safe_forward if obj.snapshot is not None else None
         if obj.forward_cursor is not None:
             for j in sorted(k for k in self.embeddings if (start is None or k > start) and obj.anchor <= k <= obj.forward_cursor):
-                out.append(Step(object_id, FORWARD, j, self.embeddings[j], obj.applied.get(j)))
+                out.append(c.Step(key, j, self.embeddings[j], obj.applied.get(j), FORWARD, tag=object_id))
                 if j == obj.backward_branch:
-                    out.append(StartBackward(object_id))
+                    out.append(c.BranchBackward(key))
         if obj.backward_started:
             top = obj.safe_backward if (obj.snapshot is not None and obj.safe_backward is not None) else obj.anchor
             for j in sorted((k for k in self.embeddings if obj.backward_cursor <= k < top), reverse=True):
-                out.append(Step(object_id, BACKWARD, j, self.embeddings[j], None))
+                out.append(c.Step(key, j, self.embeddings[j], None, BACKWARD, tag=object_id))
         out.append(self._snapshot(obj))
         return out
 
