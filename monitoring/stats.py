@@ -112,8 +112,6 @@ METRICS: dict[str, MetricSpec] = {
         "counter", "Records forwarded to their stream's home partition (a producer with another "
                    "partitioner put them elsewhere).", ("topic",),
         allowed_values={"topic": ("frames", "prompts")}),
-    "masklet_records_revised_total": MetricSpec(
-        "counter", "Revised masklet records published (a late prompt changed frames already published)."),
 }
 
 

@@ -7,6 +7,7 @@ broker are configured the same way; this module adds the per-role tuning measure
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from masklet.pipeline.config import KafkaSettings
@@ -15,6 +16,32 @@ MB = 1024 * 1024
 
 # crc32c must be importable: kafka-python falls back to a pure-Python CRC at ~6 MB/s otherwise.
 PRODUCER_THROUGHPUT = {"linger_ms": 5, "batch_size": 1 * MB, "compression_type": None}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Latency versus throughput (`kafka.live.profile`); see pipeline/kafka/README.md "Latency".
+
+    Measured on the embedded broker (Tansu): it answers a fetch only when `fetch_max_wait_ms` has
+    passed, even when data arrives meanwhile, so each consuming hop waits that long at worst
+    (500 ms, kafka-python's default: p50 135 ms for one hop). 20 ms costs ~16% of a core for the
+    client and ~6% for the broker while idle (500 ms: ~3% and ~1%).
+    """
+
+    fetch_max_wait_ms: int      # the broker holds an empty fetch this long
+    linger_ms: int              # a producer batch waits this long for more records
+    commit_interval_s: float    # how often `masklet run` commits settled offsets
+    poll_timeout_ms: int        # the runner's consumer.poll timeout (it returns early on records)
+
+
+PROFILES = {
+    "live": Profile(fetch_max_wait_ms=20, linger_ms=0, commit_interval_s=0.5, poll_timeout_ms=50),
+    "throughput": Profile(fetch_max_wait_ms=500, linger_ms=5, commit_interval_s=2.0, poll_timeout_ms=200),
+}
+
+
+def profile_of(settings: KafkaSettings) -> Profile:
+    return PROFILES[settings.live.profile]
 
 # Large enough for one 4K JPEG at the pixel cap plus headers; the broker default (1 MB) is not.
 MAX_REQUEST_BYTES = 16 * MB
@@ -44,6 +71,7 @@ def producer_kwargs(settings: KafkaSettings, *, acks: int | str = "all", **overr
     kwargs = {
         **settings.client_kwargs(),
         **PRODUCER_THROUGHPUT,
+        "linger_ms": profile_of(settings).linger_ms,
         "acks": acks,
         "enable_idempotence": False,
         # Few internal retries: kafka-python re-enqueues retried batches among newer ones (measured:
@@ -69,6 +97,7 @@ def consumer_kwargs(settings: KafkaSettings, *, group: bool = True, **overrides:
         **base,
         "enable_auto_commit": False,
         "auto_offset_reset": "earliest",
+        "fetch_max_wait_ms": profile_of(settings).fetch_max_wait_ms,
         "fetch_max_bytes": 64 * MB,
         "max_partition_fetch_bytes": MAX_REQUEST_BYTES,
         "request_timeout_ms": 30_000 if group else 10_000,

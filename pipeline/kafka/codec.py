@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from masklet.pipeline.kafka.deadletter import Rejected
+from masklet.actors.payloads import EncodedImage
 from masklet.actors.messages import FRAME_SCHEMA, FrameHeaders, MessageError, PromptMessage
 from masklet.actors.prompt_limits import InputLimits, PromptLimitError, check_prompt
 
@@ -29,6 +30,10 @@ MAX_OBJECT_ID = DEFAULT_LIMITS.max_object_id
 
 _MAGIC = {JPEG: b"\xff\xd8\xff", PNG: b"\x89PNG\r\n\x1a\n"}
 _PIL_FORMAT = {JPEG: "JPEG", PNG: "PNG"}
+_EXIF_ORIENTATION = 0x0112
+_EXIF_TRANSPOSED = (5, 6, 7, 8)  # orientations that swap width and height
+_END_MARKER = {JPEG: b"\xff\xd9", PNG: b"IEND"}  # JPEG EOI marker, PNG IEND chunk
+_END_SEARCH = 4096  # trailing bytes searched (encoders may pad after the marker)
 
 Headers = Sequence[tuple[str, bytes]]
 
@@ -101,9 +106,13 @@ def parse_frame_headers(key: Optional[bytes], headers: Optional[Headers]) -> tup
     return stream_id, parsed, size
 
 
-def decode_frame(key: Optional[bytes], value: Optional[bytes], headers: Optional[Headers],
-                 max_pixels: int) -> tuple[str, FrameHeaders, np.ndarray]:
-    """Validate a frames-topic record and decode it to uint8 RGB [H, W, 3]; raises `Rejected`."""
+def inspect_frame(key: Optional[bytes], value: Optional[bytes], headers: Optional[Headers],
+                  max_pixels: int) -> tuple[str, FrameHeaders, EncodedImage]:
+    """Validate a frames-topic record from its headers and its image header only; raises `Rejected`.
+
+    No pixel is decoded here (that happens in a decoder actor, `LiveSession.submit_frame` with an
+    `EncodedImage`); the size is the one after EXIF orientation, as the decoder will produce it.
+    """
     stream_id, meta, declared = parse_frame_headers(key, headers)
     data = value or b""
     if looks_like_pickle(data):
@@ -118,6 +127,8 @@ def decode_frame(key: Optional[bytes], value: Optional[bytes], headers: Optional
     try:
         image = Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[meta.content_type]])
         width, height = image.size  # from the bitstream's header; no pixel decoded yet
+        if image.getexif().get(_EXIF_ORIENTATION) in _EXIF_TRANSPOSED:
+            width, height = height, width  # the decoder applies EXIF orientation
     except Exception as exc:  # PIL raises many types for hostile input
         raise Rejected("undecodable_frame", "corrupt_image", f"unreadable image header: {exc}") from None
     if width * height > max_pixels:
@@ -125,7 +136,19 @@ def decode_frame(key: Optional[bytes], value: Optional[bytes], headers: Optional
     if declared is not None and declared != (width, height):
         raise Rejected("bad_frame_headers", "size_mismatch",
                        f"headers say {declared[0]}x{declared[1]}, image is {width}x{height}")
+    if _END_MARKER[meta.content_type] not in data[-_END_SEARCH:]:
+        # The commonest corruption (a cut-off upload) is caught here without decoding; anything
+        # subtler fails in the decoder actor and comes back as a failed output (dead-lettered too).
+        raise Rejected("undecodable_frame", "corrupt_image", "image is truncated: no end-of-image marker")
+    return stream_id, meta, EncodedImage(bytes(data), meta.content_type, width, height)
+
+
+def decode_frame(key: Optional[bytes], value: Optional[bytes], headers: Optional[Headers],
+                 max_pixels: int) -> tuple[str, FrameHeaders, np.ndarray]:
+    """Validate a frames-topic record and decode it to uint8 RGB [H, W, 3]; raises `Rejected`."""
+    stream_id, meta, encoded = inspect_frame(key, value, headers, max_pixels)
     try:
+        image = Image.open(io.BytesIO(encoded.data), formats=[_PIL_FORMAT[meta.content_type]])
         image.load()
         rgb = np.asarray(ImageOps.exif_transpose(image).convert("RGB"), dtype=np.uint8)
     except Exception as exc:

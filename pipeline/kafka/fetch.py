@@ -89,23 +89,24 @@ class FramesFetch:
                 continue
             pos = open_positions.get((tp.topic, tp.partition))
             if pos is None:
-                pos = self._fetch_position(tp)
+                pos = fetch_position(self.consumer, tp)
                 if pos is None:
                     continue
             lag += max(0, high - pos)
         return lag
 
-    def _fetch_position(self, tp: TopicPartition) -> Optional[int]:
-        """The consumer's position in `tp` as last resolved, read without side effects.
 
-        Not `consumer.position(tp)`: in kafka-python 3.0.12 that call also drives committed-offset
-        refresh, offset reset and leader-epoch validation for every assigned partition and can
-        block on the coordinator (its `timeout_ms` also bounds tasks it leaves cached for `poll`);
-        this runs after every poll. A kafka-python without this state gives None, and the
-        partition is left out of the lag."""
-        try:
-            position = self.consumer._subscription.position(tp)  # noqa: SLF001
-        except Exception:  # noqa: BLE001 - unassigned meanwhile, or another kafka-python layout
-            return None
-        offset = getattr(position, "offset", position)
-        return offset if isinstance(offset, int) else None
+def fetch_position(consumer: Any, tp: TopicPartition) -> Optional[int]:
+    """The consumer's position in `tp` as last resolved, read without side effects.
+
+    Not `consumer.position(tp)`: in kafka-python 3.0.12 that call also drives committed-offset
+    refresh, offset reset and leader-epoch validation for every assigned partition and can
+    block on the coordinator (its `timeout_ms` also bounds tasks it leaves cached for `poll`);
+    this runs after every poll. A kafka-python without this state gives None, and the
+    partition is left out of the lag."""
+    try:
+        position = consumer._subscription.position(tp)  # noqa: SLF001
+    except Exception:  # noqa: BLE001 - unassigned meanwhile, or another kafka-python layout
+        return None
+    offset = getattr(position, "offset", position)
+    return offset if isinstance(offset, int) else None

@@ -1,6 +1,7 @@
 """The input gate of `masklet run`: every consumed frame or prompt passes here first.
 
-A record either comes out validated (decoded RGB frame, parsed prompt) or goes to the
+A record either comes out validated (a frame checked from its headers and image header, still
+encoded; a parsed prompt) or goes to the
 dead-letter topic with a reason, is counted, and the caller moves on to the next record; one
 bad message never stops a stream. Every decode and check runs behind one guard (`_guarded`): a
 failure nobody foresaw (a decoder bug, RecursionError, MemoryError) is still a dead letter with
@@ -19,11 +20,10 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, TypeVar
 
-import numpy as np
-
 from masklet.actors.messages import PromptMessage
+from masklet.actors.payloads import EncodedImage
 from masklet.actors.prompt_limits import InputLimits
-from masklet.pipeline.kafka.codec import check_prompt_range, decode_frame, parse_prompt
+from masklet.pipeline.kafka.codec import check_prompt_range, inspect_frame, parse_prompt
 from masklet.pipeline.kafka.deadletter import DeadLetterPublisher, Rejected
 
 log = logging.getLogger(__name__)
@@ -35,14 +35,14 @@ class AcceptedFrame:
     stream_id: str
     frame_idx: int
     pts: float
-    rgb: np.ndarray = field(repr=False)
+    image: EncodedImage = field(repr=False)  # decoded by a decoder actor, never in the driver
     topic: str
     partition: int
     offset: int
 
     @property
     def size(self) -> tuple[int, int]:
-        return self.rgb.shape[1], self.rgb.shape[0]
+        return self.image.width, self.image.height
 
 
 @dataclass
@@ -83,9 +83,9 @@ class InputGate:
                              lambda: check_prompt_range(prompt, self.stream_sizes, self.limits) or True) is not None
 
     def _accept_frame(self, record: Any) -> AcceptedFrame:
-        stream_id, meta, rgb = decode_frame(record.key, record.value, record.headers, self.max_pixels)
+        stream_id, meta, image = inspect_frame(record.key, record.value, record.headers, self.max_pixels)
         self._check_window(stream_id, meta.frame_idx)
-        return AcceptedFrame(stream_id, meta.frame_idx, meta.pts, rgb, record.topic, record.partition, record.offset)
+        return AcceptedFrame(stream_id, meta.frame_idx, meta.pts, image, record.topic, record.partition, record.offset)
 
     def _check_window(self, stream_id: str, frame_idx: int) -> None:
         window = self._windows.get(stream_id)

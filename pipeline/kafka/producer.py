@@ -82,6 +82,8 @@ class _Pending:
     key: Optional[bytes]
     headers: list[tuple[str, bytes]]
     generation: int = 0
+    partition: Optional[int] = None     # None: the partitioner's choice (murmur2 of the key)
+    timestamp_ms: Optional[int] = None  # None: the send time
 
 
 class RecoveringProducer:
@@ -105,6 +107,7 @@ class RecoveringProducer:
         self.on_ack = on_ack
         self.report = DeliveryReport()
         self._lock = threading.Lock()
+        self._recover_lock = threading.Lock()  # one recovery at a time when several threads send
         self._pending: "OrderedDict[int, _Pending]" = OrderedDict()
         self._unacked_bytes = 0
         self._failures: dict[int, BaseException] = {}
@@ -120,15 +123,19 @@ class RecoveringProducer:
     # -- public API -------------------------------------------------------------------------
 
     def send(self, topic: str, value: bytes, key: Optional[bytes] = None,
-             headers: Optional[list[tuple[str, bytes]]] = None) -> int:
-        """Queue one record; returns its sequence number. Raises ProducerGaveUp when recovery is exhausted."""
+             headers: Optional[list[tuple[str, bytes]]] = None, *, partition: Optional[int] = None,
+             timestamp_ms: Optional[int] = None) -> int:
+        """Queue one record; returns its sequence number. Raises ProducerGaveUp when recovery is exhausted.
+
+        `partition` and `timestamp_ms` are kept for resends (`masklet run` forwards a record that
+        another partitioner misplaced to its stream's partition, with its original timestamp)."""
         self._raise_if_gave_up()
         self._recover_if_needed()
         self._wait_for_room()
         with self._lock:
             seq = self._next_seq
             self._next_seq += 1
-            record = _Pending(seq, topic, value, key, list(headers or []), self._generation)
+            record = _Pending(seq, topic, value, key, list(headers or []), self._generation, partition, timestamp_ms)
             self._pending[seq] = record
             self._unacked_bytes += len(value)
             self.report.sent += 1
@@ -182,7 +189,8 @@ class RecoveringProducer:
     def _dispatch(self, record: _Pending) -> None:
         generation = record.generation
         try:
-            future = self._producer.send(record.topic, value=record.value, key=record.key, headers=record.headers)
+            future = self._producer.send(record.topic, value=record.value, key=record.key, headers=record.headers,
+                                         partition=record.partition, timestamp_ms=record.timestamp_ms)
         except (kerr.KafkaError, AssertionError) as exc:
             # Raised synchronously: metadata unavailable (max_block_ms), producer in a fatal state, ...
             self._on_error(record.seq, generation, exc)
@@ -245,11 +253,12 @@ class RecoveringProducer:
             time.sleep(0.002)
 
     def _recover_if_needed(self) -> None:
-        with self._lock:
-            if not self._failures:
-                return
-            first_error = next(iter(self._failures.values()))
-        self._recover(first_error)
+        with self._recover_lock:
+            with self._lock:
+                if not self._failures:
+                    return
+                first_error = next(iter(self._failures.values()))
+            self._recover(first_error)
 
     def _recover(self, cause: BaseException) -> None:
         while True:

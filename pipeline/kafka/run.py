@@ -1,7 +1,8 @@
 """`masklet run`: consume frames + prompts, drive a `LiveSession`, publish masklet/v1 records.
 
-    consumer (group) --records--> InputGate --frames/prompts--> LiveSession --outputs-->
-        RecoveringProducer (masklets topic, key = stream id) --acks--> OffsetBook --> commit
+    consumer (group) --records--> Intake (cross-topic order, forwarding, InputGate, reorder)
+        --frames/prompts--> LiveSession (its own driver thread) --outputs--> Publisher (its own
+        thread) --> RecoveringProducer (masklets topic, key = stream id) --acks--> OffsetBook --> commit
 
 Delivery is at-least-once: an input offset is committed only once everything it produced is
 acknowledged. A frame is done when the record of its frame, or the record that reports its
@@ -15,52 +16,40 @@ Metrics: `self.stats` holds the runner's own counts (dead letters, frames refuse
 session, reconnects, `masklet_kafka_consumer_lag`); `stats_snapshot()` merges them with the
 session's. Every consumed frame is counted once in `masklet_frames_in_total`: by the session when
 submitted, by the runner when refused before that (dead-lettered, and counted as dropped with the
-dead-letter reason), so frames in == published + dropped once a run has drained.
+dead-letter reason), so frames in == published + dropped once a run has drained. Frames the
+broker lost never arrive: they are counted in `masklet_frames_lost_total` and reported in the next
+record (`lost_frames_since_last`), so frames sent == published + dropped + lost.
 """
 from __future__ import annotations
 
 import logging
-import queue
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.coordinator.assignors.range import RangePartitionAssignor
 from kafka.structs import OffsetAndMetadata
 
+from masklet.actors.backend import Backend
 from masklet.actors.payloads import ModelSpec
 from masklet.monitoring.stats import Stats, StatsSnapshot, merge
-from masklet.actors.backend import Backend
 from masklet.pipeline.config import DEFAULT_MAX_PIXELS, KafkaSettings
-from masklet.pipeline.kafka.client import consumer_kwargs, producer_kwargs
+from masklet.pipeline.kafka.client import consumer_kwargs, producer_kwargs, profile_of
 from masklet.pipeline.kafka.deadletter import DeadLetterPublisher, Rejected
 from masklet.pipeline.kafka.fetch import FramesFetch
 from masklet.pipeline.kafka.gate import AcceptedFrame, InputGate
+from masklet.pipeline.kafka.intake import HeldPrompt, Intake  # noqa: F401 (HeldPrompt re-exported)
 from masklet.pipeline.kafka.offsets import TP, OffsetBook
+from masklet.pipeline.kafka.order import PromptOrder
 from masklet.pipeline.kafka.producer import RecoveringProducer
+from masklet.pipeline.kafka.publish import Publisher
+from masklet.pipeline.kafka.reorder import FrameReorder, Release
+from masklet.pipeline.kafka.reroute import Rerouter
 from masklet.pipeline.kafka.resume import ObjectResumer, ResumeOutcome
-from masklet.pipeline.live import LiveConfig, LiveOutput, LiveSession, PromptRejected
-from masklet.actors.messages import PromptMessage
+from masklet.pipeline.live import LiveConfig, LiveOutput, LiveSession
 
 log = logging.getLogger(__name__)
-
-# Session refusals -> the shared dead-letter reason codes (dashboards key on those).
-_PROMPT_REASONS = {"unknown_stream": "unknown_stream", "frame_too_old": "out_of_order",
-                   "not_latest_frame": "out_of_order"}
-
-
-@dataclass(frozen=True)
-class HeldPrompt:
-    """A prompt whose stream has no frame on this member yet, and the record it came in."""
-
-    deadline: float  # monotonic: dead-lettered as `unknown_stream` when no frame came by then
-    prompt: PromptMessage
-    record: Any
-
-    @property
-    def tp(self) -> TP:
-        return (self.record.topic, self.record.partition)
 
 
 @dataclass
@@ -72,6 +61,9 @@ class RunReport:
     dead_letters: int = 0
     commits: int = 0
     parked_restores: int = 0  # kafka-python work-around applied on resume (FramesFetch._restore_parked_records)
+    forwarded: int = 0        # records moved to their stream's home partition (reroute.py)
+    lost_frames: int = 0      # frames missing from their stream after the reorder window
+    lost: dict = field(default_factory=dict)   # stream id -> [(first, last), ...] lost frame indices
     streams: set = field(default_factory=set)
     resumed: list[ResumeOutcome] = field(default_factory=list)  # streams re-seeded from their last record
 
@@ -79,6 +71,7 @@ class RunReport:
         objects = sum(len(r.prompts) for r in self.resumed)
         return (f"frames={self.frames} prompts={self.prompts} records={self.records} acked={self.acked} "
                 f"dead_letters={self.dead_letters} commits={self.commits} parked_restores={self.parked_restores} "
+                f"forwarded={self.forwarded} lost_frames={self.lost_frames} "
                 f"streams={len(self.streams)} resumed_objects={objects}")
 
 
@@ -91,31 +84,40 @@ class KafkaRunner:
     def __init__(self, settings: KafkaSettings, backend: Backend, model: ModelSpec,
                  config: LiveConfig = LiveConfig(), *, overload: str = "drop", max_pixels: int = DEFAULT_MAX_PIXELS,
                  stats: Optional[Stats] = None, on_output: Optional[Callable[[LiveOutput], None]] = None,
-                 commit_interval_s: float = 0.2, unknown_stream_hold_s: float = 30.0) -> None:
+                 commit_interval_s: Optional[float] = None, unknown_stream_hold_s: float = 30.0,
+                 limits: Any = None) -> None:
         if overload not in ("drop", "pause"):
             raise ValueError(f"overload must be 'drop' or 'pause', got {overload!r}")
-        self.settings, self.overload, self.on_output = settings, overload, on_output
-        self.commit_interval_s = commit_interval_s
+        self.settings, self.overload = settings, overload
+        self.profile = profile_of(settings)
+        self.commit_interval_s = self.profile.commit_interval_s if commit_interval_s is None else commit_interval_s
         self.unknown_stream_hold_s = unknown_stream_hold_s
         self.stats = stats or Stats()
         self.report = RunReport()
         self.book = OffsetBook()
-        self._acks: "queue.Queue[int]" = queue.Queue()
-        self._by_seq: dict[int, tuple[tuple, str, int]] = {}
-        self._prompt_waits: dict[str, list[tuple[int, TP, int]]] = {}
-        self._held_prompts: dict[str, list[HeldPrompt]] = {}  # by stream id, oldest first
-        self._backlog: deque[AcceptedFrame] = deque()
-        self.session = LiveSession(backend, model, config)
-        self.resumer: Optional[ObjectResumer] = ObjectResumer(settings) if settings.resume.enabled else None
         self.producer = RecoveringProducer(producer_kwargs(settings), stats=self.stats,
-                                           on_ack=lambda seq, _meta: self._acks.put(seq))
+                                           on_ack=lambda seq, _meta: self.publisher.acked(seq))
+        self.publisher = Publisher(self.producer, settings.topics.masklets, on_output=on_output)
+        self.session = LiveSession(backend, model, config, on_output=self.publisher.submit)
+        self.resumer: Optional[ObjectResumer] = ObjectResumer(settings) if settings.resume.enabled else None
         self.deadletters = DeadLetterPublisher(self.producer, settings.topics.deadletter, self.stats)
-        self.gate = InputGate(self.deadletters, max_pixels, self.stats)
-        kwargs = consumer_kwargs(settings, max_poll_records=max(4, config.queue_capacity))
-        self.consumer = KafkaConsumer(**kwargs)
+        gate_kw = {} if limits is None else {"limits": limits}
+        self.gate = InputGate(self.deadletters, max_pixels, self.stats, **gate_kw)
+        # Co-partitioned topics and the range assignor: a member that owns frames partition i owns
+        # prompts partition i too, so a stream's frames can wait for its prompts (order.py).
+        self.consumer = KafkaConsumer(**consumer_kwargs(
+            settings, max_poll_records=max(16, 2 * config.queue_capacity),
+            partition_assignment_strategy=(RangePartitionAssignor,)))
         self.consumer.subscribe([settings.topics.frames, settings.topics.prompts], listener=_Listener(self))
         self.fetch = FramesFetch(self.consumer, settings.topics.frames, self.report)
+        live = settings.live
+        self.order = PromptOrder(self.consumer, max_wait_s=live.prompt_wait_ms / 1000, stats=self.stats)
+        max_gap = getattr(limits, "max_frame_gap", 100_000)
+        self.reorder = FrameReorder(live.reorder_window_ms / 1000, live.reorder_window_frames, max_gap)
+        self.rerouter = Rerouter(self.consumer, self.stats)
+        self.intake = Intake(self)
         self._last_commit = time.monotonic()
+        self.session.start()  # its own driver thread: model work never waits for a Kafka poll
 
     # -- loop -------------------------------------------------------------------------------
 
@@ -123,32 +125,56 @@ class KafkaRunner:
         idle_since = time.monotonic()
         try:
             while not should_stop():
-                busy = self.step()
-                if busy or self._backlog or any(self.session.status(s).lag_frames for s in self.session.streams()):
+                if self.step() or not self._drained():
                     idle_since = time.monotonic()
-                elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s and not self.producer.unacked:
+                elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
                     break
         finally:
             self.close()
         return self.report
 
+    def _drained(self) -> bool:
+        return (not self.intake.buffered() and self.publisher.idle() and not self.producer.unacked
+                and not any(self.session.status(s).lag_frames for s in self.session.streams()))
+
     def step(self) -> bool:
-        """One iteration: fetch, validate, submit, drive the session, publish, settle acks, commit."""
+        """One iteration: fetch, order, validate, submit; settle acks, commit (the session and the
+        publisher run in their own threads)."""
+        if self.publisher.error is not None:
+            raise self.publisher.error
+        capacity = self.session.config.queue_capacity
         if self.overload == "pause":
-            self.fetch.pause_or_resume(full=len(self._backlog) >= self.session.config.queue_capacity)
-        batch = self.consumer.poll(timeout_ms=10 if self.session.streams() else 200)
-        for records in batch.values():
-            for record in records:
-                self._consume(record)
-        self._feed_backlog()
-        outputs = self.session.poll(0.0 if batch else 0.02)
-        for out in outputs:
-            self._publish(out)
-        settled = self._settle_acks()
-        self._expire_held_prompts()
+            self.fetch.pause_or_resume(full=self.intake.buffered() >= capacity)
+        batch = self.consumer.poll(timeout_ms=self._poll_timeout_ms())
+        records = [record for records in batch.values() for record in records]
+        for record in records:  # prompts first: a frame of this batch must not overtake them
+            if record.topic != self.settings.topics.frames:
+                self.intake.prompt_record(record)
+        for record in records:
+            if record.topic == self.settings.topics.frames:
+                self.intake.frame_record(record)
+        room = max(0, capacity - len(self.intake.backlog) - self.reorder.held()) if self.overload == "pause" else None
+        released = self.order.release(room, blocked=self.publisher.prompts_in_flight())
+        for record in released:
+            self.intake.released(record)
+        for outcome in self.reorder.expire():
+            self.intake.go(outcome)
+        self.intake.feed_backlog()
+        self._dead_letter_failures()
+        settled = self._settle()
+        self.intake.expire_held_prompts()
         self._maybe_commit()
         self._update_lag()
-        return bool(batch or outputs or settled)
+        return bool(records or released or settled)
+
+    def _poll_timeout_ms(self) -> int:
+        if not self.session.streams() and not self.order.waiting():
+            return 200
+        timeout = self.profile.poll_timeout_ms
+        if self.order.waiting() or self.reorder.held():
+            # Re-check soon: the next fetch response (within fetch_max_wait_ms) may settle the wait.
+            timeout = min(timeout, self.profile.fetch_max_wait_ms)
+        return max(1, timeout)
 
     def stats_snapshot(self) -> StatsSnapshot:
         """The runner's metrics merged with its session's (still meaningful after `close()`)."""
@@ -158,78 +184,12 @@ class KafkaRunner:
         """`masklet_kafka_consumer_lag` (see `FramesFetch.lag`)."""
         self.stats.set("masklet_kafka_consumer_lag", self.fetch.lag(self.book.positions()))
 
-    # -- input ------------------------------------------------------------------------------
+    # -- shared with Intake -----------------------------------------------------------------
 
-    def _consume(self, record: Any) -> None:
-        tp = (record.topic, record.partition)
-        self.book.consumed(tp, record.offset)
-        if record.topic == self.settings.topics.frames:
-            self.fetch.consumed(record)
-            self.report.frames += 1
-            frame = self.gate.frame(record)
-            if frame is None or not self._open(frame, record):
-                self._refused_frame()
-                self._dead_lettered(tp, record.offset)
-                return
-            if self.overload == "pause":
-                self._backlog.append(frame)
-            else:
-                self._submit(frame, record)
-        else:
-            self.report.prompts += 1
-            prompt = self.gate.prompt(record)
-            if prompt is None:
-                self._dead_lettered(tp, record.offset)
-            elif prompt.stream_id in self.session.streams():
-                self._submit_prompt(prompt, record)
-            else:
-                # Its stream's first frame may simply not be here yet: after a restart or a rebalance
-                # the prompts partition is often read first, and a replayed prompt must not be lost.
-                held = HeldPrompt(time.monotonic() + self.unknown_stream_hold_s, prompt, record)
-                self._held_prompts.setdefault(prompt.stream_id, []).append(held)
-
-    def _submit_prompt(self, prompt: PromptMessage, record: Any) -> None:
-        try:
-            self.session.submit_prompt(prompt)
-        except PromptRejected as exc:
-            self._reject(Rejected(_PROMPT_REASONS.get(exc.reason, "malformed_prompt"), exc.reason, str(exc)), record)
-            return
-        tp = (record.topic, record.partition)
-        self._prompt_waits.setdefault(prompt.stream_id, []).append((prompt.frame_idx, tp, record.offset))
-
-    def _expire_held_prompts(self) -> None:
-        now = time.monotonic()
-        for stream_id, held in list(self._held_prompts.items()):
-            while held and held[0].deadline <= now:
-                self._reject(Rejected("unknown_stream", "unknown_stream",
-                                      f"no frame of stream {stream_id!r} arrived within {self.unknown_stream_hold_s:g} s "
-                                      f"of its prompt"), held.pop(0).record)
-            if not held:
-                del self._held_prompts[stream_id]
-
-    def _open(self, frame: AcceptedFrame, record: Any) -> bool:
-        if frame.stream_id in self.session.streams():
-            return True
-        try:
-            self.session.open_stream(frame.stream_id, *frame.size, source_type="kafka")
-        except ValueError as exc:  # max_streams reached
-            self.deadletters.publish(Rejected("internal_error", "too_many_streams", str(exc)),
-                                     source_topic=record.topic, payload=record.value, key=record.key,
-                                     headers=record.headers, partition=record.partition, offset=record.offset)
-            self.stats.inc("masklet_frames_dropped_total", reason="too_many_streams")
-            return False
-        self.report.streams.add(frame.stream_id)
-        if self.resumer is not None:
-            self._resume_objects(frame)
-        for held in self._held_prompts.pop(frame.stream_id, []):
-            if self.gate.recheck(held.prompt, held.record):  # after the resumed objects: the user's prompt wins
-                self._submit_prompt(held.prompt, held.record)
-            else:
-                self._dead_lettered(held.tp, held.record.offset)
-        return True
-
-    def _resume_objects(self, frame: AcceptedFrame) -> None:
+    def resume_objects(self, frame: AcceptedFrame) -> None:
         """Re-add the objects of the stream's last record, as mask prompts held for this frame."""
+        from masklet.pipeline.live import PromptRejected
+
         outcome = self.resumer.plan(frame.stream_id, frame.frame_idx)
         if outcome.source_frame_idx is None:
             return
@@ -240,74 +200,46 @@ class KafkaRunner:
                 log.warning("stream %s: object %d not resumed: %s", prompt.stream_id, prompt.object_id, exc)
         self.report.resumed.append(outcome)
 
-    def _submit(self, frame: AcceptedFrame, record: Any = None) -> None:
-        try:
-            self.session.submit_frame(frame.stream_id, frame.frame_idx, frame.pts, frame.rgb,
-                                      token=((frame.topic, frame.partition), frame.offset))
-        except ValueError as exc:  # the stream's frame size changed mid-stream
-            self.deadletters.publish(Rejected("bad_frame_headers", "size_changed", str(exc)),
-                                     source_topic=frame.topic, payload=b"", key=frame.stream_id.encode(),
-                                     partition=frame.partition, offset=frame.offset)
-            self.stats.inc("masklet_frames_dropped_total", reason="bad_frame_headers")
-            self._refused_frame()
-            self._dead_lettered((frame.topic, frame.partition), frame.offset)
+    def report_lost(self, stream_id: str, release: Release) -> None:
+        """Frames missing from a stream after the reorder window: counted, named, and reported."""
+        self.report.lost_frames += release.lost_before
+        self.report.lost.setdefault(stream_id, []).extend(release.lost_ranges)
+        self.stats.inc("masklet_frames_lost_total", release.lost_before)
+        ranges = ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in release.lost_ranges)
+        log.warning("stream %s: %d frames lost before frame %d (never arrived within the reorder window): %s",
+                    stream_id, release.lost_before, release.frame.frame_idx, ranges)
 
-    def _feed_backlog(self) -> None:
-        blocked: set[str] = set()
-        kept: deque[AcceptedFrame] = deque()
-        while self._backlog:
-            frame = self._backlog.popleft()
-            if frame.stream_id in blocked or self.session.queue_room(frame.stream_id) < 1:
-                blocked.add(frame.stream_id)  # keep this stream's order: nothing after it goes first
-                kept.append(frame)
-            else:
-                self._submit(frame)
-        self._backlog = kept
-
-    def _refused_frame(self) -> None:
-        """A frame dead-lettered before the session took it (which counts the frames it takes):
-        count it in here; whoever refused it counted the drop, with the dead-letter reason."""
-        self.stats.inc("masklet_frames_in_total", source_type="kafka")
-
-    def _reject(self, rejected: Rejected, record: Any) -> None:
+    def reject(self, rejected: Rejected, record: Any) -> None:
         self.deadletters.publish(rejected, source_topic=record.topic, payload=record.value, key=record.key,
                                  headers=record.headers, partition=record.partition, offset=record.offset)
-        self._dead_lettered((record.topic, record.partition), record.offset)
+        self.dead_lettered((record.topic, record.partition), record.offset)
 
-    def _dead_lettered(self, tp: TP, offset: int) -> None:
+    def dead_lettered(self, tp: TP, offset: int) -> None:
         self.report.dead_letters += 1
         self.book.done(tp, offset)
 
     # -- output -----------------------------------------------------------------------------
 
-    def _publish(self, out: LiveOutput) -> None:
-        rec = out.record
-        seq = self.producer.send(self.settings.topics.masklets, value=rec.to_json_bytes(), key=rec.kafka_key(),
-                                 headers=[("schema", rec.schema_version.encode())])
-        self._by_seq[seq] = (out.tokens, rec.stream_id, rec.frame_idx)
-        self.report.records += 1
-        if self.on_output is not None:
-            self.on_output(out)
+    def _dead_letter_failures(self) -> None:
+        """Outputs without a record: the session could not decode the frame (`LiveOutput.failure`)."""
+        while not self.publisher.failures.empty():
+            out = self.publisher.failures.get_nowait()
+            for (topic, partition), offset in out.tokens:
+                self.deadletters.publish(Rejected("undecodable_frame", "decode_failed", str(out.failure)),
+                                         source_topic=topic, payload=b"", partition=partition, offset=offset)
+                self.dead_lettered((topic, partition), offset)
 
-    def _settle_acks(self) -> int:
-        count = 0
-        while True:
-            try:
-                seq = self._acks.get_nowait()
-            except queue.Empty:
-                return count
-            entry = self._by_seq.pop(seq, None)
-            if entry is None:
-                continue  # a dead letter
-            count += 1
-            self.report.acked += 1
-            tokens, stream_id, frame_idx = entry
-            for tp, offset in tokens:
+    def _settle(self) -> int:
+        settled = self.publisher.settled()
+        for settle in settled:
+            for tp, offset in settle.tokens:
                 self.book.done(tp, offset)
-            waits = self._prompt_waits.get(stream_id, [])
-            for wait in [w for w in waits if w[0] <= frame_idx]:
-                self.book.done(wait[1], wait[2])
-                waits.remove(wait)
+            if settle.stream_id is not None:
+                self.report.acked += 1
+                self.intake.settle_prompts(settle.stream_id, settle.frame_idx)
+        self.report.records = self.publisher.records
+        self.report.forwarded = self.rerouter.forwarded
+        return len(settled)
 
     def _maybe_commit(self, force: bool = False) -> None:
         if not force and time.monotonic() - self._last_commit < self.commit_interval_s:
@@ -326,10 +258,13 @@ class KafkaRunner:
         self.report.commits += 1
 
     def close(self) -> None:
-        """Flush what was published, commit what it settled, leave the group, release the actors."""
+        """Publish what the session finished, flush, commit what it settled, leave the group, release
+        the actors."""
         try:
+            self.session.stop()
+            self.publisher.close()
             self.producer.flush(10.0)
-            self._settle_acks()
+            self._settle()
             self._maybe_commit(force=True)
         except Exception as exc:  # noqa: BLE001 - closing must go on; uncommitted input is replayed
             log.warning("final flush/commit failed: %s", exc)
@@ -348,14 +283,11 @@ class _Listener(ConsumerRebalanceListener):
         self.runner = runner
 
     def on_partitions_revoked(self, revoked: Any) -> None:
-        self.runner._settle_acks()
+        self.runner._settle()
         self.runner._maybe_commit(force=True)
-        self.runner.book.forget([(tp.topic, tp.partition) for tp in revoked])
         gone = {(tp.topic, tp.partition) for tp in revoked}
-        for stream_id, held in list(self.runner._held_prompts.items()):  # their new owner reads them again
-            held[:] = [h for h in held if h.tp not in gone]
-            if not held:
-                del self.runner._held_prompts[stream_id]
+        self.runner.book.forget(list(gone))
+        self.runner.intake.forget(gone)
         self.runner.fetch.forget(revoked)
 
     def on_partitions_assigned(self, assigned: Any) -> None:

@@ -2,17 +2,26 @@
 from kafka import KafkaConsumer, KafkaProducer
 
 from masklet.pipeline.config import KafkaSettings
-from masklet.pipeline.kafka.client import consumer_kwargs, crc32c_available, producer_kwargs, settings_from
+from masklet.pipeline.kafka.client import PROFILES, consumer_kwargs, crc32c_available, producer_kwargs, settings_from
 
 
-def test_plaintext_defaults_are_tuned_for_throughput_and_recovery():
+def test_plaintext_defaults_are_tuned_for_live_latency_and_recovery():
     kwargs = producer_kwargs(KafkaSettings(bootstrap_servers="127.0.0.1:19092"))
     assert kwargs["bootstrap_servers"] == ["127.0.0.1:19092"]
     assert kwargs["security_protocol"] == "PLAINTEXT"
     assert kwargs["enable_idempotence"] is False
-    assert kwargs["linger_ms"] == 5 and kwargs["batch_size"] == 1024 * 1024
+    assert kwargs["linger_ms"] == 0 and kwargs["batch_size"] == 1024 * 1024  # live: no linger
     assert set(kwargs) <= set(KafkaProducer.DEFAULT_CONFIG)
     assert crc32c_available()
+
+
+def test_the_latency_profile_sets_fetch_wait_linger_and_commit_cadence():
+    live, bulk = KafkaSettings(), KafkaSettings(live={"profile": "throughput"})
+    assert consumer_kwargs(live)["fetch_max_wait_ms"] == PROFILES["live"].fetch_max_wait_ms == 20
+    assert consumer_kwargs(bulk)["fetch_max_wait_ms"] == 500  # kafka-python's default
+    assert producer_kwargs(bulk)["linger_ms"] == 5
+    assert PROFILES["live"].commit_interval_s < PROFILES["throughput"].commit_interval_s
+    assert consumer_kwargs(live, fetch_max_wait_ms=7)["fetch_max_wait_ms"] == 7  # callers may still override
 
 
 def test_sasl_ssl_scram_and_tls_files_pass_through(tmp_path):

@@ -20,6 +20,7 @@ from masklet.pipeline.kafka.client import producer_kwargs
 from masklet.pipeline.kafka.codec import encode_jpeg, frame_headers
 from masklet.pipeline.kafka.producer import RecoveringProducer
 from masklet.pipeline.kafka.run import KafkaRunner
+from masklet.pipeline.executor_config import ExecutorConfig
 from masklet.pipeline.live import LiveConfig
 
 FAKE = ModelSpec(name="fake", image_size=64, factory="tests.pipeline.fakes:build_fake_model")
@@ -38,7 +39,7 @@ def publish(settings, stream_id: str, count: int, corrupt: frozenset = frozenset
 
 def runner_for(settings, group: str, queue_capacity: int, overload: str = "drop") -> KafkaRunner:
     settings = settings.model_copy(update={"group_id": group})
-    return KafkaRunner(settings, InProcessBackend(), FAKE, LiveConfig(queue_capacity=queue_capacity, max_wait_ms=0),
+    return KafkaRunner(settings, InProcessBackend(), FAKE, LiveConfig(ExecutorConfig(max_wait_ms=0), queue_capacity=queue_capacity),
                        overload=overload, commit_interval_s=0.05)
 
 

@@ -22,6 +22,7 @@ from masklet.pipeline.kafka.codec import encode_jpeg, frame_headers
 from masklet.pipeline.kafka.ingest import ingest
 from masklet.pipeline.kafka.producer import RecoveringProducer
 from masklet.pipeline.kafka.run import KafkaRunner
+from masklet.pipeline.executor_config import ExecutorConfig
 from masklet.pipeline.live import LiveConfig
 from masklet.actors.messages import MaskletRecord, PromptMessage
 from masklet.actors.rle import decode_rle
@@ -127,7 +128,7 @@ def test_round_trip_with_a_prompt_mid_stream(kafka_settings, consume_records, vi
 
 def test_two_streams_batch_together_and_stay_ordered(kafka_settings, consume_records, videos_dir):
     clips = {"dog": clip_frames(videos_dir, "01_dog.mp4", 14), "cups": clip_frames(videos_dir, "02_cups.mp4", 14)}
-    bg = Background(kafka_settings, TINY, config={"max_batch_size": 8, "max_wait_ms": 50})
+    bg = Background(kafka_settings, TINY, config={"executor": ExecutorConfig(max_batch_size=8, max_wait_ms=50)})
     try:
         for sid, frames in clips.items():
             publish_frames(kafka_settings, sid, frames, 0, 2)

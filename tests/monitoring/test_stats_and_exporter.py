@@ -66,6 +66,11 @@ def test_required_metrics_are_all_in_the_catalogue():
         "masklet_end_to_end_latency_seconds", "masklet_active_streams", "masklet_active_objects",
         "masklet_tracker_memory_bank_bytes", "masklet_kafka_consumer_lag", "masklet_reconnects_total",
         "masklet_deadletter_total",
+        # live path (issues 11 and 12)
+        "masklet_frames_lost_total", "masklet_frames_redelivered_total", "masklet_kafka_prompt_waits_total",
+        "masklet_kafka_prompt_wait_seconds", "masklet_kafka_forwarded_total", "masklet_revisions_published_total",
+        # objects as rows: trackers host many objects
+        "masklet_tracker_batch_size", "masklet_tracker_actors", "masklet_object_recoveries_total",
     }
     assert required == set(METRICS)
 
