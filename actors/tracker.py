@@ -275,12 +275,14 @@ class TrackerActor:
                 statuses[i] = OpStatus(score=values[i].score)
             except Exception as exc:  # noqa: BLE001
                 statuses[i] = OpStatus(error=one_line(exc))
-        if ready:
-            self.batch_sizes[len(ready)] = self.batch_sizes.get(len(ready), 0) + 1
-            self.stats.observe("masklet_tracker_batch_size", len(ready))
-            elapsed = time.perf_counter() - start
-            for _ in ready:
-                self.stats.observe("masklet_stage_latency_seconds", elapsed, stage="track")
+        # One forward pass per batch when the model stepped them together, else one per object.
+        passes = [len(ready)] if results is not None else [1] * len(ready)
+        for size in passes:
+            self.batch_sizes[size] = self.batch_sizes.get(size, 0) + 1
+            self.stats.observe("masklet_tracker_batch_size", size)
+        elapsed = time.perf_counter() - start
+        for _ in ready:
+            self.stats.observe("masklet_stage_latency_seconds", elapsed, stage="track")
 
     # -- housekeeping -----------------------------------------------------------------------
 

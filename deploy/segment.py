@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from masklet.actors.payloads import ModelSpec
+from masklet.actors.sinks import SegmentOutputs
+from masklet.deploy.model_args import add_model_arguments, model_overrides
 from masklet.model.types import Prompt
 from masklet.pipeline.engine import Engine, EngineConfig, EngineEvent, StreamOutcome, StreamSpec
-from masklet.actors.sinks import SegmentOutputs
 
 RANDOM_WEIGHTS_WARNING = (
     "WARNING: --checkpoint random: the model has RANDOM WEIGHTS. The masks are MEANINGLESS; "
@@ -31,14 +32,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--point", action="append", default=[], metavar="x,y[@frame]", help="one object per flag, every input")
     p.add_argument("--box", action="append", default=[], metavar="x0,y0,x1,y1[@frame]", help="one object per flag")
     p.add_argument("--prompts", type=Path, metavar="FILE", help="per-input objects (JSON or YAML)")
-    p.add_argument("--model", default="sam2.1_hiera_tiny")
-    p.add_argument("--checkpoint", default="auto", help="auto (download official weights), a .pt path, or random")
-    p.add_argument("--image-size", type=int, default=1024)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_model_arguments(p)
     p.add_argument("--max-frames", type=int, metavar="N", help="stop each input after N frames")
     p.add_argument("--soft-masks", action="store_true", help="8-bit alpha mattes from the logits instead of binary masks")
     p.add_argument("--no-preview", action="store_true", help="skip preview.mp4")
-    p.add_argument("--backend", default="ray", choices=("ray", "inprocess"), help=argparse.SUPPRESS)
+    p.add_argument("--backend", choices=("ray", "inprocess"), help=argparse.SUPPRESS)
     p.add_argument("--config", type=Path, help="YAML config (pipeline batching, queues, snapshots)")
     p.set_defaults(func=run_segment)
 
@@ -66,14 +64,14 @@ def _stream_ids(inputs: Sequence[str]) -> list[str]:
 
 
 def run_segment(args: argparse.Namespace) -> int:
-    from masklet.model.checkpoints import CheckpointError, resolve_checkpoint
+    from masklet.model.checkpoints import CheckpointError
     from masklet.pipeline.config import ConfigError, load_settings
+    from masklet.pipeline.configure import engine_config, model_spec
     from masklet.deploy.prompt_specs import PromptSpecError, build_prompt_spec
     from masklet.actors.sources import open_source
 
     try:
-        settings = load_settings(args.config, model={"name": args.model, "checkpoint": args.checkpoint,
-                                                     "image_size": args.image_size, "device": args.device})
+        settings = load_settings(args.config, model=model_overrides(args))
         limits = settings.limits.input_limits()
         spec = build_prompt_spec(args.point, args.box, args.prompts, limits=limits)
         spec.check_object_limits(args.inputs, limits)  # each object is a tracker process: refuse before starting
@@ -92,19 +90,12 @@ def run_segment(args: argparse.Namespace) -> int:
     if random_weights:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     try:
-        checkpoint = resolve_checkpoint(settings.model.name, settings.model.checkpoint_for_model_api())
+        model = model_spec(settings)
     except CheckpointError as exc:
         print(f"masklet segment: error: {exc}", file=sys.stderr)
         return 1
-    import torch
-
-    device = settings.model.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = ModelSpec(settings.model.name, None if checkpoint is None else str(checkpoint),
-                      settings.model.image_size, device)
     ps = settings.pipeline
-    config = engine_config_for(model, ps, soft_masks=args.soft_masks, gpu=device.startswith("cuda"))
+    config = engine_config(settings, model, soft_masks=args.soft_masks)
 
     streams = []
     for text, sid, objects in zip(args.inputs, _stream_ids(args.inputs), objects_per_input):
@@ -113,23 +104,7 @@ def run_segment(args: argparse.Namespace) -> int:
                                  SMOKE_BANNER if random_weights else None)
         streams.append(StreamSpec(sid, opener, objects, outputs, bidirectional=True))
     names = dict(zip(_stream_ids(args.inputs), args.inputs))
-    return _run_with_progress(streams, names, model, config, args.backend, args.out)
-
-
-def engine_config_for(model: ModelSpec, ps: Any, *, soft_masks: bool, gpu: bool) -> EngineConfig:
-    return EngineConfig(max_batch_size=ps.max_batch_size, max_wait_ms=ps.max_wait_ms,
-                        queue_capacity=min(ps.queue_capacity, 16), replay_frames=ps.replay_buffer_frames,
-                        snapshot_every=ps.snapshot_every_n_frames, backward_delay=backward_delay_for(model),
-                        soft_masks=soft_masks, encoder_gpus=0.5 if gpu else 0.0, tracker_gpus=0.01 if gpu else 0.0)
-
-
-def backward_delay_for(model: ModelSpec) -> int:
-    """Forward frames after the first prompt that seed the backward tracker's memory."""
-    if model.factory != "masklet.model:build_model":
-        return 0
-    from masklet.model.config import get_config
-
-    return get_config(model.name, image_size=model.image_size).max_obj_ptrs_in_encoder - 1
+    return _run_with_progress(streams, names, model, config, args.backend or ps.backend, args.out)
 
 
 def _make_backend(kind: str):
@@ -172,11 +147,13 @@ def _run_with_progress(streams: list[StreamSpec], names: dict[str, str], model: 
         for bar in bars.values():
             bar.close()
         backend.shutdown()
-    print(summary_table(report.streams.values(), out_dir, report.batch_sizes))
+    print(summary_table(report.streams.values(), out_dir, report.batch_sizes, report.tracker_batch_sizes,
+                        len([n for n in report.actors if n.startswith("tracker")])))
     return 0 if all(o.ok for o in report.streams.values()) else 1
 
 
-def summary_table(outcomes: Any, out_dir: Path, batch_sizes: Any) -> str:
+def summary_table(outcomes: Any, out_dir: Path, batch_sizes: Any, tracker_batch_sizes: Any = None,
+                  tracker_actors: int = 0) -> str:
     rows = [("input", "frames", "objects", "fps", "status", "outputs")]
     for o in outcomes:
         seconds = max(o.finished - o.started, 1e-9)
@@ -188,4 +165,7 @@ def summary_table(outcomes: Any, out_dir: Path, batch_sizes: Any) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     sizes = ", ".join(f"{size}x{count}" for size, count in sorted(batch_sizes.items())) or "none"
     lines.append(f"encoder batches (size x count): {sizes}")
+    if tracker_batch_sizes:
+        steps = ", ".join(f"{size}x{count}" for size, count in sorted(tracker_batch_sizes.items()))
+        lines.append(f"tracker steps (objects x count): {steps} on {tracker_actors} tracker process(es)")
     return "\n".join(lines)

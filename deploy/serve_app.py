@@ -370,27 +370,28 @@ def _serve_deployment() -> Any:
     return MaskletAPI
 
 
+_MODEL_OPTIONS = {"model": "name", "checkpoint": "checkpoint", "image_size": "image_size", "device": "device",
+                  "precision": "precision", "model_factory": "factory"}
+
+
 def build_live_session(settings: Any, options: dict) -> Any:
-    """A LiveSession with an in-process backend: the model lives in this replica (its GPU share)."""
-    import torch
+    """The replica's LiveSession. Its stages are Ray actors (`pipeline.backend: ray`, the default:
+    frames are decoded and records built there, not in this replica), or objects in this process
+    (`inprocess`: small setups and tests)."""
+    from masklet.actors.backend import InProcessBackend, RayBackend
+    from masklet.pipeline.config import ModelSettings
+    from masklet.pipeline.configure import live_config, model_spec
+    from masklet.pipeline.live import LiveSession
 
-    from masklet.actors.payloads import ModelSpec
-    from masklet.model.checkpoints import resolve_checkpoint
-    from masklet.actors.backend import InProcessBackend
-    from masklet.pipeline.live import LiveConfig, LiveSession
-
-    name = options.get("model", settings.model.name)
-    checkpoint = options.get("checkpoint", settings.model.checkpoint)
-    resolved = resolve_checkpoint(name, None if checkpoint == "random" else checkpoint)
-    device = options.get("device", settings.model.device)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = ModelSpec(name, None if resolved is None else str(resolved),
-                      int(options.get("image_size", settings.model.image_size)), device)
-    config = LiveConfig(max_batch_size=int(options.get("max_batch_size", settings.pipeline.max_batch_size)),
-                        max_wait_ms=float(options.get("max_wait_ms", settings.pipeline.max_wait_ms)),
-                        max_streams=int(options.get("max_streams", settings.serve.max_streams)))
-    return LiveSession(InProcessBackend(), model, config)
+    overrides = {field: options[key] for key, field in _MODEL_OPTIONS.items() if options.get(key) is not None}
+    if overrides:  # validated like the YAML and env values
+        model = ModelSettings(**{**settings.model.model_dump(), **overrides})
+        settings = settings.model_copy(update={"model": model})
+    spec = model_spec(settings)
+    executor = {key: options[key] for key in ("max_batch_size", "max_wait_ms") if key in options}
+    config = live_config(settings, spec, max_streams=options.get("max_streams"), **executor)
+    backend = InProcessBackend() if settings.pipeline.backend == "inprocess" else RayBackend()
+    return LiveSession(backend, spec, config)
 
 
 def app(args: Optional[dict] = None) -> Any:

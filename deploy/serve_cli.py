@@ -12,16 +12,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from masklet.deploy.model_args import add_model_arguments, model_overrides
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("serve", help="run the HTTP control API and web console (Ray Serve)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model", default="sam2.1_hiera_tiny")
-    p.add_argument("--checkpoint", default="auto", help="auto (download official weights), a .pt path, or random")
-    p.add_argument("--image-size", type=int, default=1024)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_model_arguments(p)
     p.add_argument("--max-streams", type=int, help="stream cap (default: serve.max_streams)")
     p.add_argument("--kafka", action="store_true",
                    help="allow Kafka-sourced streams and require the broker for readiness (kafka.* settings)")
@@ -31,8 +30,9 @@ def register(subparsers: Any) -> None:
 
 def serve_options(args: argparse.Namespace, token: str) -> dict:
     """The MaskletAPI deployment's options (deploy.serve_app:app args)."""
-    options = {"model": args.model, "checkpoint": args.checkpoint, "image_size": args.image_size,
-               "device": args.device, "kafka": bool(args.kafka), "token": token}
+    names = {"name": "model", "factory": "model_factory"}
+    options = {names.get(field, field): value for field, value in model_overrides(args).items()}
+    options.update({"kafka": bool(args.kafka), "token": token})
     if args.config is not None:
         options["config"] = str(args.config.resolve())
     if args.max_streams is not None:
@@ -47,8 +47,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     try:
         settings = load_settings(args.config, serve={"host": args.host, "port": args.port},
-                                 model={"name": args.model, "checkpoint": args.checkpoint,
-                                        "image_size": args.image_size, "device": args.device})
+                                 model=model_overrides(args))
     except ConfigError as exc:
         print(f"masklet serve: error: {exc}", file=sys.stderr)
         return 2

@@ -25,18 +25,6 @@ KNOWN_MODEL_NAMES = tuple(
 _LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
 
-def require_bounds(config: Any, *, at_least_one: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
-    """For the engines' frozen config dataclasses: a ValueError naming `Class.field` for a count below
-    one or a negative amount."""
-    owner = type(config).__name__
-    for name in at_least_one:
-        if getattr(config, name) < 1:
-            raise ValueError(f"{owner}.{name} must be at least 1, got {getattr(config, name)}")
-    for name in non_negative:
-        if getattr(config, name) < 0:
-            raise ValueError(f"{owner}.{name} must not be negative, got {getattr(config, name)}")
-
-
 class ConfigError(ValueError):
     """Configuration could not be read or is invalid; the message is ready to show to a user."""
 
@@ -46,18 +34,33 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+DEFAULT_MODEL_FACTORY = "masklet.model:build_model"
+
+
 class ModelSettings(_Section):
     name: str = "sam2.1_hiera_tiny"
     checkpoint: str = Field("auto", description='"auto" (download official weights), "random", or a file path')
     image_size: int = Field(1024, ge=64, le=4096)
     device: str = Field("auto", description='"auto", "cpu", "cuda" or "cuda:N"')
+    # fp32: exact (bit-identical to the official predictor on CPU); bf16: autocast, as the official
+    # predictor runs on GPUs (faster, with a measured drift; see bench/results/precision_bench.json).
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # The plug-in seam: "module:function" building a model that follows masklet.model.protocols.
+    factory: str = Field(DEFAULT_MODEL_FACTORY, description="module:function(name, checkpoint, image_size, device, **kw)")
 
-    @field_validator("name")
+    @field_validator("factory")
     @classmethod
-    def _known_model(cls, name: str) -> str:
-        if name not in KNOWN_MODEL_NAMES:
-            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(KNOWN_MODEL_NAMES)}")
-        return name
+    def _factory_form(cls, factory: str) -> str:
+        if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", factory):
+            raise ValueError(f"model factory must be 'module:function', got {factory!r}")
+        return factory
+
+    @model_validator(mode="after")
+    def _known_model(self) -> "ModelSettings":
+        # Our factory knows the eight official variants; a plug-in factory names its own models.
+        if self.factory == DEFAULT_MODEL_FACTORY and self.name not in KNOWN_MODEL_NAMES:
+            raise ValueError(f"unknown model {self.name!r}; choose one of {', '.join(KNOWN_MODEL_NAMES)}")
+        return self
 
     @field_validator("checkpoint")
     @classmethod
@@ -96,6 +99,11 @@ class PipelineSettings(_Section):
     replay_buffer_frames: int = Field(64, ge=1, description="per-stream frames kept for tracker replay")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
     backend: Literal["ray", "inprocess"] = "ray"
+    # Placement: objects packed onto one tracker actor process (1 = one process per object), and
+    # streams sharing one decoder / publisher actor. Actors are reused across inputs and streams.
+    objects_per_tracker: int = Field(16, ge=1, le=10_000)
+    streams_per_decoder: int = Field(4, ge=1, le=1_000)
+    streams_per_publisher: int = Field(4, ge=1, le=1_000)
 
     @model_validator(mode="after")
     def _replay_covers_snapshots(self) -> "PipelineSettings":

@@ -99,16 +99,21 @@ class Engine:
     def _active(self) -> list[_Stream]:
         return [s for s in self.streams.values() if s.state in ("opening", "running", "closing")]
 
+    def _room(self, s: _Stream) -> int:
+        # Publishing is bounded too: frames sent to the publisher but not yet acknowledged count, so
+        # a slow publisher (big masks, slow disk) holds reading back instead of piling frames up.
+        return min(s.ctrl.room(), self.config.queue_capacity - s.in_flight)
+
     def _can_schedule(self) -> bool:
-        return any(s.state == "running" and not s.reading and s.ctrl.room() > 0 for s in self.streams.values())
+        return any(s.state == "running" and not s.reading and self._room(s) > 0 for s in self.streams.values())
 
     def _schedule(self) -> None:
         for s in self.streams.values():
             if s.state != "running":
                 continue
-            if not s.reading and s.ctrl.room() > 0:
+            if not s.reading and self._room(s) > 0:
                 s.reading = True
-                self._commands.append(c.ReadFrames(s.spec.stream_id, min(self.config.decode_chunk, s.ctrl.room())))
+                self._commands.append(c.ReadFrames(s.spec.stream_id, min(self.config.decode_chunk, self._room(s))))
             try:
                 commands = s.ctrl.schedule()
             except StreamError as exc:
@@ -163,7 +168,7 @@ class Engine:
         elif isinstance(done, c.SnapshotTaken):
             s.ctrl.on_snapshot_done(done.tag, done.snapshot)
         elif isinstance(done, c.ObjectLost):
-            self._event("tracker_restarted", s.spec.stream_id, f"object {done.key.object_id}: {done.reason}; "
+            self._event("object_recovered", s.spec.stream_id, f"object {done.key.object_id}: {done.reason}; "
                         "resuming from its snapshot")
             self._commands += s.ctrl.on_tracker_lost(done.key.object_id)
         elif isinstance(done, c.ObjectFailed):

@@ -145,6 +145,7 @@ def _publish(ses: "LiveSession") -> list[Any]:
             first = frame.revision == 0 or st.published_until is None or frame.frame_idx > st.published_until
             pub = _Publication(frame, frame.revision, frame.tokens, True)
             rt.awaiting.append(pub)
+            st.unacked += 1
             if frame.failure is not None:
                 pub.output = LiveOutput(None, frame.tokens, frame.failure)
                 continue
@@ -178,6 +179,8 @@ def _emit(ses: "LiveSession") -> list[LiveOutput]:
         while rt.awaiting and rt.awaiting[0].output is not None:
             pub = rt.awaiting.popleft()
             output = pub.output
+            if pub.first:
+                st.unacked -= 1
             if pub.first and output.record is None:
                 ses.stats.inc("masklet_frames_dropped_total", reason="undecodable")  # its output is a failure
             elif pub.first:

@@ -71,6 +71,7 @@ class LiveStream:
         self.last_submitted: int | None = None
         self.frames_in = self.frames_published = self.frames_dropped = self.frames_lost = 0
         self.revisions_published = 0
+        self.unacked = 0                 # publications sent, not yet acknowledged (set by the session)
         self.closing = False
         self.scores: dict[int, float] = {}
         self.publish_times: list[float] = []
@@ -101,7 +102,8 @@ class LiveStream:
         return dropped
 
     def in_flight(self) -> int:
-        return sum(1 for f in self.ring.values() if not f.published)
+        """Frames taken and not yet out: unpublished, or sent to the publisher and not acknowledged."""
+        return sum(1 for f in self.ring.values() if not f.published) + self.unacked
 
     def take(self) -> list[Any]:
         """Move frames from the queue into the ring while the in-flight bound allows; compressed

@@ -26,8 +26,9 @@ from masklet.actors.payloads import ModelSpec, StreamInfo
 from masklet.model.config import get_config
 from masklet.model.types import Prompt
 from masklet.actors.backend import InProcessBackend
-from masklet.pipeline.engine import Engine, EngineConfig, StreamSpec
+from masklet.pipeline.engine import Engine, StreamSpec
 from masklet.actors.sources import DecodedFrame
+from tests.pipeline.configs import engine_cfg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "model"))
 from oracle import (  # noqa: E402 - needs the path above
@@ -133,7 +134,7 @@ def test_pipeline_backward_propagation_matches_official_reverse_run(frames, tmp_
     # The backward tracker branches off once the forward one has stepped K + max_obj_ptrs - 1 frames
     # (or the clip ended), as `masklet segment` configures it for the real model.
     delay = get_config(NAME, image_size=S).max_obj_ptrs_in_encoder - 1
-    config = EngineConfig(max_batch_size=4, max_wait_ms=0, soft_masks=True, backward_delay=delay)
+    config = engine_cfg(max_batch_size=4, max_wait_ms=0, soft_masks=True, backward_delay=delay)
     got: dict[int, dict] = {}
     objects = {1: {K: Prompt(points=CLICK, labels=[1])}}
 

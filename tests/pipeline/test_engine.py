@@ -11,8 +11,8 @@ from masklet.model.types import Prompt
 from masklet.actors.backend import ActorDiedError, InProcessBackend
 from masklet.pipeline.batching import BoundedQueue, DynamicBatcher, OverflowPolicy, QueueFull
 from masklet.pipeline.engine import Engine, EngineConfig, StreamSpec
-from masklet.pipeline.executor_config import ExecutorConfig
 from masklet.actors.rle import decode_rle
+from tests.pipeline.configs import engine_cfg as cfg
 from tests.pipeline.fakes import FakeModel, FakeSource, fake_opener, synthetic_frames
 
 FAKE = ModelSpec(name="fake", image_size=64, factory="tests.pipeline.fakes:build_fake_model")
@@ -44,15 +44,6 @@ class ListSinks:
 
     def __call__(self, info: StreamInfo):
         return [ListSink(info.stream_id, self.fail_at)]
-
-
-_EXECUTOR_FIELDS = set(ExecutorConfig.__dataclass_fields__)
-
-
-def cfg(**kw) -> EngineConfig:
-    """An EngineConfig from flat keywords: executor settings go to its `executor`."""
-    executor = {k: kw.pop(k) for k in list(kw) if k in _EXECUTOR_FIELDS}
-    return EngineConfig(executor=ExecutorConfig(**executor), **kw)
 
 
 def point(x, y):

@@ -9,10 +9,10 @@ from masklet.model.types import Prompt
 from masklet.monitoring.stats import frames_reconcile
 from masklet.actors.backend import InProcessBackend
 from masklet.actors.tracker import CloseObject, ObjectKey, RefineObject
-from masklet.pipeline.executor_config import ExecutorConfig
 from masklet.pipeline.live import LiveConfig, LiveSession, PromptRejected
 from masklet.actors.messages import PromptMessage
 from masklet.actors.rle import decode_rle
+from tests.pipeline.configs import live_cfg
 from tests.pipeline.fakes import FakeModel, synthetic_frames
 
 FAKE = ModelSpec(name="fake", image_size=64, factory="tests.pipeline.fakes:build_fake_model")
@@ -44,8 +44,7 @@ class SpyBackend(InProcessBackend):
 
 def session(**config) -> tuple[LiveSession, SpyBackend]:
     backend = SpyBackend()
-    executor = {k: config.pop(k) for k in list(config) if k in ExecutorConfig.__dataclass_fields__}
-    return LiveSession(backend, FAKE, LiveConfig(executor=ExecutorConfig(**executor), **config)), backend
+    return LiveSession(backend, FAKE, live_cfg(**config)), backend
 
 
 def feed(ses: LiveSession, sid: str, frames: range, poll: bool = True) -> list:

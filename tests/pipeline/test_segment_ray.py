@@ -15,17 +15,19 @@ import pytest
 import ray
 
 from masklet.actors.payloads import ModelSpec
+from masklet.actors.tracker import ObjectKey
 from masklet.model import build_model
 from masklet.model.config import get_config
 from masklet.model.types import Prompt
 from masklet.actors.backend import InProcessBackend, RayBackend
 from masklet.deploy.cli import main
-from masklet.pipeline.engine import Engine, EngineConfig, StreamSpec
+from masklet.pipeline.engine import Engine, StreamSpec
 from masklet.actors.rle import decode_rle
 from masklet.actors.sinks import SegmentOutputs
 from masklet.actors.sinks import read_jsonl_records
 from masklet.actors.sources import open_source
 from tests.pipeline.fakes import fake_opener
+from tests.pipeline.configs import engine_cfg
 
 IMAGE_SIZE = 256
 MAX_FRAMES = 6
@@ -172,7 +174,7 @@ def test_two_inputs_together_equal_each_alone(cli_run, tmp_path):
 
     spec = StreamSpec("02_cups", functools.partial(open_source, cups, max_frames=MAX_FRAMES), objects,
                       SegmentOutputs(str(tmp_path / "alone"), False, False))
-    config = EngineConfig(max_batch_size=1, backward_delay=DELAY)
+    config = engine_cfg(max_batch_size=1, backward_delay=DELAY)
     report = Engine(InProcessBackend(), MODEL, config).run([spec])
     assert report.streams["02_cups"].ok
     assert_masks_match(records_masks(cli_run["out"] / "02_cups" / "masklets.jsonl"),
@@ -183,7 +185,7 @@ FAKE = ModelSpec(name="fake", image_size=64, factory="tests.pipeline.fakes:build
 
 
 def _kill_run(ray_session, tmp_path, model, killer, n=14, config=None):
-    config = config or EngineConfig(max_batch_size=2, max_wait_ms=1, snapshot_every=3, replay_frames=6,
+    config = config or engine_cfg(max_batch_size=2, max_wait_ms=1, snapshot_every=3, replay_frames=6,
                                     queue_capacity=6, backward_delay=2)
     objects = {1: {3: Prompt(points=[[20, 20]], labels=[1])}}
     spec = StreamSpec("k", fake_opener(num_frames=n), objects, SegmentOutputs(str(tmp_path / "ray"), False, False))
@@ -207,7 +209,7 @@ def test_tracker_killed_mid_stream_resumes_from_snapshot(ray_session, tmp_path):
     def killer(engine, outcome):
         if not killer.done and outcome.frames_published >= 4:
             killer.done = True
-            ray.kill(engine.streams["k"].trackers[1].impl, no_restart=True)
+            ray.kill(engine.executor.trackers.actor_of(ObjectKey("k", 1)).impl, no_restart=True)
 
     report = _kill_run(ray_session, tmp_path, MODEL, killer, n=10)
     assert report.tracker_restarts == 1
@@ -217,7 +219,7 @@ def test_encoder_and_tracker_sigkilled_mid_stream(ray_session, tmp_path):
     def killer(engine, outcome):
         if not killer.done and outcome.frames_published >= 5:
             killer.done = True
-            for actor in (engine.encoder, engine.streams["k"].trackers[1]):
+            for actor in (engine.executor.encoder, engine.executor.trackers.actor_of(ObjectKey("k", 1))):
                 pid = ray.get(actor.impl.pid.remote())
                 os.kill(pid, signal.SIGKILL)
 

@@ -10,9 +10,10 @@ from masklet.actors.payloads import ModelSpec, StreamInfo
 from masklet.model.types import Prompt
 from masklet.monitoring.stats import frames_reconcile, frames_unaccounted
 from masklet.actors.backend import InProcessBackend
-from masklet.pipeline.engine import Engine, EngineConfig, StreamSpec
+from masklet.pipeline.engine import Engine, StreamSpec
 from masklet.pipeline.live import LiveConfig, LiveSession
 from tests.pipeline.fakes import fake_opener, synthetic_frames
+from tests.pipeline.configs import engine_cfg, live_cfg
 
 FAKE = ModelSpec(name="fake", image_size=64, factory="tests.pipeline.fakes:build_fake_model")
 H, W = 48, 64
@@ -45,7 +46,7 @@ def test_engine_run_reconciles_over_two_streams():
                    {1: {0: Prompt(points=[[10, 20]], labels=[1])}}, sinks),
         StreamSpec("empty", fake_opener(num_frames=5, name="empty.mp4", seed=2), {}, sinks),
     ]
-    report = Engine(InProcessBackend(), FAKE, EngineConfig(max_batch_size=4, max_wait_ms=0)).run(specs)
+    report = Engine(InProcessBackend(), FAKE, engine_cfg(max_batch_size=4, max_wait_ms=0)).run(specs)
 
     assert all(outcome.ok for outcome in report.streams.values()), report.streams
     assert [r.frame_idx for r in written["objects"]] == list(range(7))
@@ -60,7 +61,7 @@ def test_engine_run_reconciles_over_two_streams():
 
 def test_live_session_with_drop_oldest_drops_reconciles():
     frames = synthetic_frames(30, H, W)
-    ses = LiveSession(InProcessBackend(), FAKE, LiveConfig(queue_capacity=2, max_in_flight=1, max_wait_ms=0))
+    ses = LiveSession(InProcessBackend(), FAKE, live_cfg(queue_capacity=2, max_in_flight=1, max_wait_ms=0))
     outputs = []
     try:
         for sid in ("a", "b"):

@@ -1,0 +1,142 @@
+"""Objects as rows: tracker actors host many objects of many streams, processes are reused across
+inputs, capacity 1 still gives one actor per object, and a dead tracker actor's objects recover.
+In-process here (fake model, and the real model for batched == one-by-one); the Ray variants are
+in test_segment_ray.py."""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+from masklet.actors.backend import InProcessBackend
+from masklet.actors.payloads import ModelSpec
+from masklet.actors.rle import decode_rle
+from masklet.actors.sinks import JsonlOutputs, read_jsonl_records
+from masklet.actors.sources import open_source
+from masklet.actors.tracker import ObjectKey
+from masklet.model.types import Prompt
+from masklet.pipeline.engine import Engine, StreamSpec
+from masklet.pipeline.placement import ActorPool
+from tests.pipeline.configs import engine_cfg
+from tests.pipeline.fakes import fake_opener
+
+FAKE = ModelSpec(name="fake", image_size=64, factory="tests.pipeline.fakes:build_fake_model")
+
+
+def point(x, y):
+    return Prompt(points=[[x, y]], labels=[1])
+
+
+def streams(tmp_path, n_streams=3, n_objects=2, frames=12, sub="out"):
+    out = []
+    for s in range(n_streams):
+        objects = {o + 1: {o: point(10 + 6 * o, 20)} for o in range(n_objects)}
+        out.append(StreamSpec(f"s{s}", fake_opener(num_frames=frames, seed=s), objects,
+                              JsonlOutputs(str(tmp_path / sub))))
+    return out
+
+
+def masks(folder):
+    return {(r.frame_idx, o.object_id): decode_rle(o.rle.model_dump())
+            for r in read_jsonl_records(folder / "masklets.jsonl") for o in r.objects}
+
+
+def tracker_actors(backend: InProcessBackend) -> set[str]:
+    return {name for name, method in backend.calls if method == "run"}
+
+
+def test_objects_pack_onto_one_tracker_actor_and_processes_are_reused_across_inputs(tmp_path):
+    backend = InProcessBackend()
+    report = Engine(backend, FAKE, engine_cfg(max_batch_size=4, max_wait_ms=0)).run(streams(tmp_path))
+    assert all(o.ok for o in report.streams.values())
+    assert tracker_actors(backend) == {"tracker-0"}  # 6 objects of 3 inputs, one process
+    assert {name for name, _ in backend.calls if name.startswith(("decoder", "publisher"))} == {"decoder-0",
+                                                                                            "publisher-0"}
+    # objects of different streams went through one tracker call together
+    assert max(report.tracker_batch_sizes) == 1  # the fake model has no step_many: one pass per object
+    assert sum(report.tracker_batch_sizes.values()) == sum(len(s.objects) * 12 for s in streams(tmp_path))
+
+
+def test_capacity_one_gives_one_actor_per_object_with_identical_masks(tmp_path):
+    packed = InProcessBackend()
+    Engine(packed, FAKE, engine_cfg(max_batch_size=4, max_wait_ms=0)).run(streams(tmp_path, sub="packed"))
+    single = InProcessBackend()
+    Engine(single, FAKE, engine_cfg(max_batch_size=4, max_wait_ms=0, objects_per_tracker=1)).run(
+        streams(tmp_path, sub="single"))
+    assert len(tracker_actors(single)) == 6 and len(tracker_actors(packed)) == 1
+    for s in range(3):
+        a, b = masks(tmp_path / "packed" / f"s{s}"), masks(tmp_path / "single" / f"s{s}")
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_pool_prefers_the_streams_actor_then_the_least_loaded_then_a_new_one():
+    spawned = []
+    pool: ActorPool[ObjectKey] = ActorPool("tracker", lambda name: spawned.append(name) or name, capacity=2)
+    a1 = pool.place(ObjectKey("a", 1), group="a")
+    b1 = pool.place(ObjectKey("b", 1), group="b")
+    assert a1 == b1 == "tracker-0"  # room left: no new process
+    second = pool.place(ObjectKey("a", 2), group="a")
+    assert second == "tracker-1"  # full: a new one
+    assert pool.place(ObjectKey("b", 2), group="b") == "tracker-1"
+    pool.release(ObjectKey("a", 1))
+    assert pool.place(ObjectKey("b", 3), group="b") == "tracker-0"  # freed room is reused
+    assert spawned == ["tracker-0", "tracker-1"]
+    lost = pool.remove_actor(second)
+    assert lost == [ObjectKey("a", 2), ObjectKey("b", 2)] and ObjectKey("a", 2) not in pool
+    with pytest.raises(ValueError):
+        ActorPool("x", str, capacity=0)
+
+
+class KillOnce(InProcessBackend):
+    """Kills the tracker actor right before its n-th run call (it then hosts objects of both streams)."""
+
+    def __init__(self, at_call: int) -> None:
+        super().__init__()
+        self.at_call, self.count, self.killed = at_call, 0, None
+
+    def call(self, actor, method, *args, num_returns=1):
+        if method == "run" and self.killed is None:
+            self.count += 1
+            if self.count == self.at_call:
+                self.killed = sorted(actor.impl.instance.objects)  # what the process hosted when it died
+                self.kill(actor)
+        return super().call(actor, method, *args, num_returns=num_returns)
+
+
+def test_killing_a_tracker_that_hosts_two_streams_recovers_every_object(tmp_path):
+    config = engine_cfg(max_batch_size=2, max_wait_ms=0, snapshot_every=3, replay_frames=6)
+    reference = Engine(InProcessBackend(), FAKE, config).run(streams(tmp_path, n_streams=2, sub="ref"))
+    backend = KillOnce(at_call=5)
+    report = Engine(backend, FAKE, config).run(streams(tmp_path, n_streams=2, sub="killed"))
+    assert {k.stream_id for k in backend.killed} == {"s0", "s1"}, backend.killed
+    assert report.tracker_restarts == 1
+    assert all(o.ok for o in report.streams.values()) and all(o.ok for o in reference.streams.values())
+    recovered = [e for e in report.events if e.kind == "object_recovered" and "resuming" in e.message]
+    assert len(recovered) == 4  # every object of both streams, each from its own snapshot
+    for s in range(2):
+        a, b = masks(tmp_path / "killed" / f"s{s}"), masks(tmp_path / "ref" / f"s{s}")
+        assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_real_model_batched_steps_equal_one_by_one(video_paths, tmp_path):
+    """SAM 2.1 tiny at 256 px, 2 inputs x 2 objects, 9 frames (past num_maskmem): objects packed on
+    one actor step through model.step_many; capacity 1 steps them one by one. Masks are identical."""
+    model = ModelSpec("sam2.1_hiera_tiny", None, 256, "cpu")
+    objects = {1: {0: point(640, 360)}, 2: {0: Prompt(box=[300, 200, 700, 600])}}
+
+    def run(sub, **kw):
+        specs = [StreamSpec(p.stem, functools.partial(open_source, str(p), max_frames=9), objects,
+                            JsonlOutputs(str(tmp_path / sub)), bidirectional=False)
+                 for p in video_paths[:2]]
+        return Engine(InProcessBackend(), model, engine_cfg(max_batch_size=2, max_wait_ms=0, **kw)).run(specs)
+
+    batched = run("batched")
+    single = run("single", objects_per_tracker=1)
+    assert max(batched.tracker_batch_sizes) >= 2, batched.tracker_batch_sizes  # really batched
+    assert set(single.tracker_batch_sizes) == {1}
+    for p in video_paths[:2]:
+        a, b = masks(tmp_path / "batched" / p.stem), masks(tmp_path / "single" / p.stem)
+        assert len(a) == 18 and a.keys() == b.keys()
+        differing = {k: int((a[k] != b[k]).sum()) for k in a if not np.array_equal(a[k], b[k])}
+        assert not differing, f"{p.stem}: pixels differing per (frame, object): {differing}"
