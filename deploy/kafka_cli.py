@@ -11,6 +11,8 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from masklet.deploy.metrics_flags import add_metrics_arguments, start_metrics
+
 EXIT_OK, EXIT_ERROR, EXIT_GAVE_UP, EXIT_INCOMPLETE = 0, 1, 3, 4
 
 
@@ -72,14 +74,19 @@ def run_ingest(args: argparse.Namespace) -> int:
     from masklet.actors.sources import SourceError
 
     _quiet_kafka_logs(args.verbose)
+    stats, metrics = Stats(), None
     try:
         settings, kafka = _settings(args)
+        metrics = start_metrics(args, stats.snapshot, "ingest")
         report = ingest(args.source, args.stream, kafka, realtime=args.realtime, max_frames=args.max_frames,
                         jpeg_quality=args.jpeg_quality, max_pixels=settings.pipeline.max_pixels,
-                        reconnect=ReconnectPolicy(max_reconnects=args.max_reconnects), stats=Stats())
-    except (ConfigError, SourceError) as exc:
+                        reconnect=ReconnectPolicy(max_reconnects=args.max_reconnects), stats=stats)
+    except (ConfigError, SourceError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        if metrics is not None:
+            metrics.close()
     print(report.summary())
     if report.gave_up:
         return EXIT_GAVE_UP
@@ -163,9 +170,19 @@ def run_run(args: argparse.Namespace) -> int:
         signal.signal(sig, lambda *_: stop.set())
     try:
         runner = KafkaRunner(kafka, backend, model, config, overload=args.overload, max_pixels=ps.max_pixels)
+        try:
+            metrics = start_metrics(args, runner.stats_snapshot, "run")
+        except OSError as exc:
+            runner.close()
+            print(f"error: metrics on {args.metrics_host}:{args.metrics_port}: {exc}", file=sys.stderr)
+            return EXIT_ERROR
         print(f"masklet run: consuming {kafka.topics.frames} + {kafka.topics.prompts} as group "
               f"{kafka.group_id!r} on {kafka.bootstrap_servers}", file=sys.stderr, flush=True)
-        report = runner.run(stop.is_set, idle_exit_s=args.idle_exit)
+        try:
+            report = runner.run(stop.is_set, idle_exit_s=args.idle_exit)
+        finally:
+            if metrics is not None:
+                metrics.close()
     finally:
         backend.shutdown()
     print(report.summary(), flush=True)
@@ -185,6 +202,7 @@ def register(subparsers) -> None:
     ingest.add_argument("--max-frames", type=_positive_int)
     ingest.add_argument("--jpeg-quality", type=int, default=90)
     ingest.add_argument("--max-reconnects", type=int, default=5, help="reconnect attempts in a row before giving up")
+    add_metrics_arguments(ingest)
     _connection_args(ingest)
     ingest.set_defaults(func=run_ingest)
 
@@ -218,6 +236,7 @@ def register(subparsers) -> None:
                           "(after a crash, restart or rebalance)")
     run.add_argument("--idle-exit", type=float, metavar="S", help="exit after S seconds without input or work")
     run.add_argument("--backend", choices=("ray", "inprocess"), help=argparse.SUPPRESS)
+    add_metrics_arguments(run)
     _connection_args(run)
     run.set_defaults(func=run_run)
 

@@ -101,6 +101,7 @@ class KafkaRunner:
         self.session = LiveSession(backend, model, config, on_output=self.publisher.submit)
         self.resumer: Optional[ObjectResumer] = ObjectResumer(settings) if settings.resume.enabled else None
         self.deadletters = DeadLetterPublisher(self.producer, settings.topics.deadletter, self.stats)
+        limits = limits if limits is not None else getattr(config, "limits", None)  # the session's caps
         gate_kw = {} if limits is None else {"limits": limits}
         self.gate = InputGate(self.deadletters, max_pixels, self.stats, **gate_kw)
         # Co-partitioned topics and the range assignor: a member that owns frames partition i owns
