@@ -226,13 +226,20 @@ class Intake:
             self.r.book.done(wait[1], wait[2])
             waits.remove(wait)
 
-    def forget(self, revoked: set[tuple[str, int]]) -> None:
-        """Partitions moved to another member: drop what waits for them (their new owner reads it again)."""
+    def revoked(self, revoked: set[tuple[str, int]]) -> None:
+        """Partitions revoked: drop what waits for them (read again from the last commit, here or by
+        their new owner); the streams' order history stays until `assigned` says who owns them."""
         topics = self.r.settings.topics
         frames = [p for t, p in revoked if t == topics.frames]
         self.r.order.forget(frames)
-        self.r.reorder.forget(set().union(*(self.partition_streams.pop(p, set()) for p in frames)))
+        self.r.reorder.unhold(set().union(set(), *(self.partition_streams.get(p, set()) for p in frames)))
         for stream_id, held in list(self.held_prompts.items()):
             held[:] = [h for h in held if h.tp not in revoked]
             if not held:
                 del self.held_prompts[stream_id]
+
+    def assigned(self, assigned: set[tuple[str, int]]) -> None:
+        """After a rebalance: streams whose frames partition went to another member are forgotten."""
+        topics = self.r.settings.topics
+        for partition in [p for p in self.partition_streams if (topics.frames, p) not in assigned]:
+            self.r.reorder.forget(self.partition_streams.pop(partition))

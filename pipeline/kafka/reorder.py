@@ -102,14 +102,22 @@ class FrameReorder:
             out += self._drain(s, now)
         return out
 
-    def forget(self, stream_ids: set[str]) -> list[Any]:
-        """Streams that left this member (revoked partitions): their held frames, unreleased."""
+    def unhold(self, stream_ids: set[str]) -> list[Any]:
+        """Partitions revoked: the streams' held frames are dropped (they are read again from the last
+        commit, here or by another member) but their history stays, for when they come back here
+        (a rebalance after a broker restart usually gives the same partitions back)."""
         dropped = []
         for stream_id in stream_ids:
-            s = self._streams.pop(stream_id, None)
+            s = self._streams.get(stream_id)
             if s is not None:
                 dropped += [frame for _, _, frame in s.held]
+                s.held, s.gap_since = [], None
         return dropped
+
+    def forget(self, stream_ids: set[str]) -> None:
+        """Streams now owned by another member: their history goes too."""
+        for stream_id in stream_ids:
+            self._streams.pop(stream_id, None)
 
     # -- internals --------------------------------------------------------------------------
 

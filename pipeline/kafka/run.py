@@ -288,8 +288,8 @@ class _Listener(ConsumerRebalanceListener):
         self.runner._maybe_commit(force=True)
         gone = {(tp.topic, tp.partition) for tp in revoked}
         self.runner.book.forget(list(gone))
-        self.runner.intake.forget(gone)
+        self.runner.intake.revoked(gone)
         self.runner.fetch.forget(revoked)
 
     def on_partitions_assigned(self, assigned: Any) -> None:
-        pass
+        self.runner.intake.assigned({(tp.topic, tp.partition) for tp in assigned})
