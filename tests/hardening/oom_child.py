@@ -47,12 +47,14 @@ def main() -> int:
     threshold = min(0.98, (total - available + HEADROOM) / total)
     os.environ["RAY_memory_usage_threshold"] = f"{threshold:.4f}"
     os.environ["RAY_memory_monitor_refresh_ms"] = "100"
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # loopback only, as init_ray does for local sessions
     import ray
 
     from masklet.actors.backend import ActorCallError, ActorDiedError, RayBackend
 
     raw_type = None
-    backend = RayBackend(init_kwargs={"num_cpus": 2, "include_dashboard": False, "log_to_driver": False,
+    # address="local": a new session, never a cluster some other process started with `ray start`.
+    backend = RayBackend(init_kwargs={"address": "local", "num_cpus": 2, "include_dashboard": False, "log_to_driver": False,
                                       "object_store_memory": 80 * 1024 * 1024})
     try:
         hog = backend.spawn("hog", Hog)

@@ -1,0 +1,116 @@
+"""Issue 12, item 3, through Ray Serve itself: the request limits come from deploy/serve_config.yaml
+(CLI and YAML alike), SSE feeds beyond their cap get 503 at once, and open feeds never block
+/health/live or other routes (five open feeds used to freeze the whole API: Serve's default of 5
+concurrent requests per replica, with an unbounded queue)."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import pytest
+import requests
+import yaml
+
+from tests.serve.conftest import TOKEN, Client, free_port, wait_for
+
+
+@pytest.fixture()
+def ray_serve(monkeypatch):
+    """A new local Ray session on loopback, Serve on a free port. address="local": never join a cluster
+    that some other process started with `ray start` on this machine."""
+    import ray
+    from ray import serve
+
+    from masklet.actors.backend import init_ray
+
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only (init_ray's switch)
+    init_ray(address="local", include_dashboard=False, num_cpus=2, configure_logging=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _serve_config() -> dict:
+    from masklet.deploy.api_limits import SERVE_CONFIG
+
+    return yaml.safe_load(SERVE_CONFIG.read_text())
+
+
+def test_the_cli_builds_the_app_with_the_request_limits_of_serve_config_yaml():
+    """`masklet serve` runs `serve.run(app(options))`: that deployment must carry the YAML's limits,
+    not Serve's defaults (5 ongoing, unbounded queue)."""
+    import argparse
+
+    from masklet.deploy.serve_app import app
+    from masklet.deploy.serve_cli import serve_options
+
+    [api] = [d for d in _serve_config()["applications"][0]["deployments"] if d["name"] == "MaskletAPI"]
+    args = argparse.Namespace(model="sam2.1_hiera_tiny", checkpoint="random", image_size=256, device="cpu",
+                              kafka=False, config=None, max_streams=None)
+    built = app(serve_options(args, TOKEN))._bound_deployment._deployment_config
+    assert (built.max_ongoing_requests, built.max_queued_requests) == (api["max_ongoing_requests"],
+                                                                       api["max_queued_requests"])
+    assert built.max_ongoing_requests > 5 and built.max_queued_requests >= 0
+
+
+def test_the_in_app_cap_leaves_room_for_event_streams_and_health():
+    from masklet.deploy.api_limits import HEALTH_REQUEST_RESERVE, deployment_limits, in_flight_cap
+    from masklet.pipeline.config import LimitsSettings
+
+    ongoing = deployment_limits()["max_ongoing_requests"]
+    events = LimitsSettings().max_event_streams
+    assert in_flight_cap(ongoing, events) + events + HEALTH_REQUEST_RESERVE == ongoing
+    with pytest.raises(ValueError, match="must exceed"):
+        in_flight_cap(20, 16)
+
+
+def _get(url: str, path: str, token: str | None = TOKEN) -> tuple[int, float, str]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    started = time.monotonic()
+    response = requests.get(url + path, headers=headers, timeout=20)
+    return response.status_code, time.monotonic() - started, response.headers.get("Retry-After", "")
+
+
+def test_open_event_streams_never_block_the_api_on_ray_serve(ray_serve, clip):
+    from ray import serve
+
+    from masklet.deploy.serve_app import app
+    from masklet.pipeline.config import LimitsSettings
+
+    options = {"checkpoint": "random", "image_size": 256, "device": "cpu", "token": TOKEN, "max_batch_size": 2}
+    serve.run(app(options), name="masklet", route_prefix="/")
+    url = f"http://127.0.0.1:{ray_serve}"
+    client = Client(url)
+    wait_for(lambda: client.get("/health/ready").status_code == 200, timeout=120, interval=0.5,
+             message="model loaded in the replica")
+    created = client.post("/streams", json={"stream_id": "cam1", "source": str(clip), "loop": True})
+    assert created.status_code == 201, created.text
+
+    cap = LimitsSettings().max_event_streams
+    feeds = []
+    try:
+        for _ in range(cap):  # more than Serve's default of 5 concurrent requests per replica
+            response = requests.get(url + "/streams/cam1/events", headers={"Authorization": f"Bearer {TOKEN}"},
+                                    stream=True, timeout=20)
+            assert response.status_code == 200, response.text
+            lines = response.iter_lines()  # kept: a discarded line iterator closes the connection
+            next(lines)
+            feeds.append((response, lines))
+        over = [_get(url, "/streams/cam1/events") for _ in range(3)]
+        health = [_get(url, "/health/live", token=None) for _ in range(20)]
+        others = [_get(url, path) for path in ("/streams", "/streams/cam1", "/metrics")]
+    finally:
+        for response, _ in feeds:
+            response.close()
+    health_s = sorted(t for _, t, _ in health)
+    print(f"Serve, {cap} open feeds: feed over the cap {[(c, round(t * 1000, 1)) for c, t, _ in over]} ms; "
+          f"/health/live p50 {statistics.median(health_s) * 1000:.1f} ms max {health_s[-1] * 1000:.1f} ms; "
+          f"other routes {[(c, round(t * 1000, 1)) for c, t, _ in others]} ms")
+    assert [(code, retry) for code, _, retry in over] == [(503, "1")] * 3
+    assert statistics.median(t for _, t, _ in over) < 0.5  # answered, not queued (the proxy hop included)
+    assert {code for code, _, _ in health} == {200} and statistics.median(health_s) < 0.1
+    assert [code for code, _, _ in others] == [200, 200, 200]
