@@ -179,6 +179,9 @@ def kafka_frames(settings: KafkaSettings, kafka_stream: str, *, max_frames: Opti
                         except Rejected as exc:  # `masklet run` dead-letters these; the viewer skips them
                             log.info("skipping frame of %s: %s", kafka_stream, exc)
                             continue
+                        except Exception as exc:  # noqa: BLE001 - no record ends the stream (decoder bugs included)
+                            log.warning("skipping frame of %s: unexpected %s: %s", kafka_stream, type(exc).__name__, exc)
+                            continue
                         yield FeedFrame(meta.frame_idx, meta.pts, rgb)
                         fed += 1
         finally:

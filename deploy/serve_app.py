@@ -234,7 +234,7 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
              responses={200: {"content": {"image/png": {}}}, 204: {"description": "no frame published yet"}})
     def frame_png(stream_id: str) -> Response:
         output = _latest(slot, registry.get(stream_id))
-        if output is None:
+        if output is None or output.record is None or output.rgb is None:  # none yet, or its pixels not kept
             return Response(status_code=204, headers={"Retry-After": "1"})
         png = _overlay_png(output)
         return Response(png, media_type="image/png",
@@ -243,7 +243,7 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
     @app.get("/streams/{stream_id}/masklet", responses={204: {"description": "no record published yet"}})
     def masklet(stream_id: str) -> Response:
         output = _latest(slot, registry.get(stream_id))
-        if output is None:
+        if output is None or output.record is None:
             return Response(status_code=204, headers={"Retry-After": "1"})
         return Response(output.record.to_json_bytes(), media_type="application/json",
                         headers={"Cache-Control": "no-store"})

@@ -48,7 +48,10 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         settings = load_settings(args.config, serve={"host": args.host, "port": args.port},
                                  model=model_overrides(args))
-    except ConfigError as exc:
+        from masklet.deploy.api_limits import deployment_limits
+
+        deployment_limits()  # Serve's request limits come from deploy/serve_config.yaml: readable and consistent
+    except (ConfigError, ValueError) as exc:
         print(f"masklet serve: error: {exc}", file=sys.stderr)
         return 2
     token = settings.serve.api_token.get_secret_value() if settings.serve.api_token else None

@@ -97,7 +97,7 @@ def test_the_gate_turns_any_decoder_failure_into_a_dead_letter(monkeypatch, exc)
 
     gate, producer = make_gate()
     assert gate.frame(frame_record(0)) is not None
-    monkeypatch.setattr(gate_module, "decode_frame", _Exploding(exc))
+    monkeypatch.setattr(gate_module, "inspect_frame", _Exploding(exc))
     monkeypatch.setattr(gate_module, "parse_prompt", _Exploding(exc))
     assert gate.frame(frame_record(1)) is None
     assert gate.prompt(prompt_record(prompt_body())) is None

@@ -58,7 +58,7 @@ class FakeLiveSession:
                                           area=int(mask.sum()), score=5.0, iou=0.9, present=bool(mask.any())))
             record = MaskletRecord(stream_id=stream_id, frame_idx=frame_idx, pts=pts, width=width, height=height,
                                    model="fake", objects=objects)
-            output = LiveOutput(record, rgb, masks, (token,))
+            output = LiveOutput(record, (token,), fetch_rgb=lambda: rgb)
             s["latest"] = output
             s["published"] += 1
             self.stats.inc("masklet_frames_published_total")
