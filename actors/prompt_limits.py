@@ -19,7 +19,7 @@ from typing import Collection, Literal
 import numpy as np
 
 from masklet.actors.messages import MAX_JSON_DEPTH, PromptMessage
-from masklet.actors.rle import RleError, decode_rle
+from masklet.actors.rle import RleError, check_rle, decode_rle
 from masklet.model.types import Prompt
 
 PromptLimitReason = Literal["invalid_prompt", "out_of_range", "too_large", "too_many_objects"]
@@ -79,10 +79,15 @@ def check_prompt(msg: PromptMessage, height: int | None, width: int | None,
         raise PromptLimitError("invalid_prompt", "labels must be one 0 or 1 per point")
     if msg.mask is not None and (msg.points or msg.box is not None):
         raise PromptLimitError("invalid_prompt", "a mask prompt cannot be combined with points or a box")
+    if height is not None and width is not None and msg.mask is not None and tuple(msg.mask.size) != (height, width):
+        raise PromptLimitError("out_of_range", f"mask size {list(msg.mask.size)} != frame [{height}, {width}]")
+    if msg.mask is not None:
+        try:  # the counts string's structure and run total, without allocating the mask
+            check_rle({"size": list(msg.mask.size), "counts": msg.mask.counts})
+        except RleError as exc:
+            raise PromptLimitError("invalid_prompt", str(exc)) from None
     if height is None or width is None:
         return
-    if msg.mask is not None and tuple(msg.mask.size) != (height, width):
-        raise PromptLimitError("out_of_range", f"mask size {list(msg.mask.size)} != frame [{height}, {width}]")
     for x, y in msg.points:
         if not (0 <= x <= width and 0 <= y <= height):
             raise PromptLimitError("out_of_range", f"point ({x:g}, {y:g}) is outside the {width}x{height} frame")

@@ -154,6 +154,12 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def check_rle(rle: Mapping[str, Any], expected_size: Optional[tuple[int, int]] = None,
+              max_pixels: Optional[int] = None) -> None:
+    """Every check of `decode_rle` without decoding: size, then the runs (cheap, no mask allocated)."""
+    _to_coco(rle, expected_size, max_pixels)
+
+
 def decode_rle(rle: Mapping[str, Any], expected_size: Optional[tuple[int, int]] = None,
                max_pixels: Optional[int] = None) -> np.ndarray:
     """Decode COCO RLE (compressed or uncompressed) to a boolean [H, W] mask.

@@ -218,3 +218,52 @@ def test_a_producer_that_really_jumped_ahead_is_followed_after_a_few_frames():
     assert [f is not None for f in jumped] == [False, False, True, True, True]
     assert len(producer.letters()) == 2
     assert gate.frame(frame_record(0, stream=b"other"))  # windows are per stream
+
+
+# -- the same limits on the control API ----------------------------------------------------------
+
+@pytest.fixture()
+def api(clip):
+    from masklet.deploy.serve_app import create_app
+    from masklet.pipeline.config import LimitsSettings, ServeSettings
+    from tests.serve.conftest import TOKEN, Client, LoopbackServer, wait_for
+    from tests.serve.fake_session import FakeLiveSession
+
+    fake = FakeLiveSession()
+    limits = LimitsSettings(max_objects_per_stream=2, max_objects_per_run=3)
+    with LoopbackServer(create_app(fake, ServeSettings(), token=TOKEN, limits=limits)) as server:
+        client = Client(server.url)
+        for stream_id in ("cam1", "cam2"):
+            body = {"stream_id": stream_id, "source": str(clip), "loop": True}
+            assert client.post("/streams", json=body).status_code == 201
+            wait_for(lambda: client.get(f"/streams/{stream_id}").json()["frames_in"] > 0, message="first frame")
+        yield client, fake
+
+
+def test_api_refuses_too_many_points_and_an_oversized_mask_with_422(api):
+    client, fake = api
+    many = client.post("/streams/cam1/objects", json={"points": [[1, 1]] * 65, "labels": [1] * 65})
+    assert many.status_code == 422 and many.json()["detail"].startswith("too_large: 65 points"), many.text
+    started = time.monotonic()
+    bomb = client.post("/streams/cam1/objects", json={"mask": {"size": [50000, 50000], "counts": ""}})
+    print(f"65-byte 50000x50000 mask refused in {(time.monotonic() - started) * 1000:.1f} ms")
+    assert bomb.status_code == 422 and bomb.json()["detail"].startswith("out_of_range: mask size"), bomb.text
+    outside = client.post("/streams/cam1/objects", json={"points": [[500, 10]], "labels": [1]})
+    assert outside.status_code == 422 and outside.json()["detail"].startswith("out_of_range"), outside.text
+    assert not fake.prompts  # none of them reached the session
+
+
+def test_api_refuses_objects_over_the_stream_and_run_caps_with_409(api):
+    client, fake = api
+    add = lambda stream_id, x: client.post(f"/streams/{stream_id}/objects", json={"points": [[x, 10]], "labels": [1]})
+    assert [add("cam1", 10).status_code, add("cam1", 20).status_code] == [202, 202]
+    third = add("cam1", 30)
+    assert third.status_code == 409 and "too_many_objects" in third.json()["detail"]
+    assert "max_objects_per_stream" in third.json()["detail"]
+    again = client.post("/streams/cam1/objects", json={"object_id": 1, "points": [[12, 12]], "labels": [1]})
+    assert again.status_code == 202  # re-prompting an existing object is no new object
+    assert add("cam2", 10).status_code == 202  # the run's third object
+    fourth = add("cam2", 20)
+    assert fourth.status_code == 409 and "max_objects_per_run" in fourth.json()["detail"]
+    assert client.delete("/streams/cam1/objects/2").status_code == 202
+    assert add("cam2", 20).status_code == 202  # a removed object frees its place

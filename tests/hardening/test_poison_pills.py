@@ -41,9 +41,10 @@ def test_a_mask_with_non_ascii_rle_counts_is_refused_in_one_line():
     gate, producer = make_gate()
     gate.frame(frame_record(0))
     body = prompt_body(points=[], labels=[], mask=NON_ASCII_MASK)
-    assert gate.prompt(prompt_record(body)) is not None  # structure and size are fine here...
-    with pytest.raises(PromptLimitError):  # ...and the session's conversion refuses it, instead of a 500/crash
-        prompt_to_model(PromptMessage.model_validate(body), H, W)
+    assert gate.prompt(prompt_record(body)) is None  # a dead letter at the gate, before the session
+    assert gate.prompt(prompt_record(prompt_body())) is not None  # and the next prompt goes through
+    [letter] = producer.letters()
+    assert letter.reason == "malformed_prompt" and letter.detail.startswith("invalid_prompt: RLE counts must be ASCII")
 
 
 @pytest.fixture()

@@ -118,3 +118,34 @@ def test_bad_prompts_are_dead_lettered(kafka_settings, consume_records, producer
         ("malformed_prompt", "pickle_payload"),
         ("unknown_stream", "unknown_stream"),  # refused on recheck, after the gate saw every prompt
     ]
+
+
+def test_poison_pills_through_the_broker_are_dead_letters_and_the_stream_goes_on(kafka_settings, consume_records,
+                                                                                producer):
+    """Issue 12: records that used to kill `masklet run` (and be replayed on every restart) or silence a
+    stream: a 2 KB prompt of 1,000 nested brackets (RecursionError), a mask with non-ASCII RLE counts
+    (UnicodeEncodeError), a frame_idx of 99999999999999999999999 (every later frame "out of order")."""
+    topics = kafka_settings.topics
+    huge = [(k, b"99999999999999999999999" if k == "frame_idx" else v) for k, v in frame_headers(0, 0.05, W, H)]
+    frames = [(_frame(0), frame_headers(0, 0.0, W, H)), (_frame(1), huge)]
+    frames += [(_frame(i), frame_headers(i, 0.1 * i, W, H)) for i in range(1, 13)]
+    for value, headers in frames:
+        producer.send(topics.frames, value=value, key=b"cam", headers=headers)
+    nested = b'{"schema": "prompt/v1", "points": ' + b"[" * 1000 + b"]" * 1000 + b"}"
+    prompts = [nested, _prompt(points=[], labels=[], mask={"size": [H, W], "counts": "\u00ff\u00fe"}), _prompt()]
+    for value in prompts:
+        producer.send(topics.prompts, value=value, key=b"cam")
+    assert producer.flush(15).complete
+
+    gate = InputGate(DeadLetterPublisher(producer, topics.deadletter), max_pixels=1920 * 1080)
+    accepted = [gate.frame(r) for r in consume_records(kafka_settings, topics.frames, len(frames))]
+    parsed = [gate.prompt(r) for r in consume_records(kafka_settings, topics.prompts, len(prompts))]
+    assert producer.flush(15).complete
+    assert [f.frame_idx for f in accepted if f] == list(range(13))  # 12 of 12 later frames go on
+    assert parsed[:2] == [None, None] and parsed[2].points == [(10.0, 10.0)]
+    letters = [DeadLetter.from_json_bytes(r.value) for r in consume_records(kafka_settings, topics.deadletter, 3)]
+    assert sorted((letter.reason, letter.detail.split(":")[0]) for letter in letters) == [
+        ("bad_frame_headers", "bad_frame_headers"),   # frame_idx over 2**53 - 1
+        ("malformed_prompt", "invalid_prompt"),       # RLE counts must be ASCII
+        ("malformed_prompt", "malformed_prompt"),     # nested deeper than 32 levels
+    ]
