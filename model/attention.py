@@ -1,5 +1,8 @@
 """Multi-head attention primitives shared by the SAM heads and the memory attention.
 
+Projections go through `batch_invariant_linear`, so trackers batched across objects get the very
+numbers a batch of one gets (the decoder's few prompt/output tokens would otherwise round differently).
+
 `Attention` projects q/k/v (optionally into a smaller internal width), runs scaled dot-product
 attention per head and projects back. `RoPEAttention` additionally rotates queries and keys with
 2-D axial rotary position embeddings laid out over a square token grid.
@@ -11,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from .common import batch_invariant_linear
 
 
 class Attention(nn.Module):
@@ -49,13 +54,14 @@ class Attention(nn.Module):
     def project_qkv(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         # q: [B, Nq, embedding_dim]; k, v: [B, Nk, kv_in_dim]
         assert k.shape[-2] == v.shape[-2], "keys and values must have the same token count"
-        return self.split_heads(self.q_proj(q)), self.split_heads(self.k_proj(k)), self.split_heads(self.v_proj(v))
+        q, k, v = (batch_invariant_linear(proj, x) for proj, x in ((self.q_proj, q), (self.k_proj, k), (self.v_proj, v)))
+        return self.split_heads(q), self.split_heads(k), self.split_heads(v)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # q: [B, heads, Nq, d], k/v: [B, heads, Nk, d] -> [B, Nq, embedding_dim]
         dropout_p = self.dropout_p if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
-        return self.out_proj(self.merge_heads(out))
+        return batch_invariant_linear(self.out_proj, self.merge_heads(out))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         q, k, v = self.project_qkv(q, k, v)

@@ -94,14 +94,18 @@ def build_model(
     *,
     progress: bool = True,
     with_image_encoder: bool = True,
+    precision: str = "fp32",
     **config_overrides,
 ) -> SAM2Model:
     """Build a variant by name. checkpoint: None/"random" = random init, "auto" = download, or a path.
 
+    precision: "fp32" (default; exact, bit-identical to the official predictor run in fp32) or "bf16"
+    (encoder and tracker under bfloat16 autocast, as the official predictor runs on GPUs).
+
     with_image_encoder=False gives a tracking-only copy (per-object tracker actors): the image encoder
     is most of the model (212M of 224M parameters for large) and trackers only consume embeddings.
     """
-    config = get_config(name, image_size=image_size, **config_overrides)
+    config = get_config(name, image_size=image_size, precision=precision, **config_overrides)
     path = resolve_checkpoint(name, checkpoint, progress=progress)
     # Random weights are drawn in construction order, so a random tracking-only copy still builds
     # (then drops) the image encoder: its heads must equal those of the full copy that encodes.

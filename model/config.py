@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+PRECISIONS = ("fp32", "bf16")
+
 
 @dataclass(frozen=True)
 class HieraConfig:
@@ -48,6 +50,9 @@ class ModelConfig:
     # Masklet-specific, not part of the checkpoint:
     max_cond_frames_in_memory: int = 16  # conditioning frames kept per object (first + newest always kept)
     fill_hole_area: int = 0  # fill background holes up to this many low-res pixels; 0 disables
+    # "fp32": exact (bit-identical to the official predictor in fp32). "bf16": encoder and tracker run
+    # under bfloat16 autocast, as the official predictor does on GPUs; faster, masks drift slightly.
+    precision: str = "fp32"
 
     def __post_init__(self) -> None:
         if self.image_size % 32 or self.image_size < 64:
@@ -56,6 +61,8 @@ class ModelConfig:
             raise ValueError("max_cond_frames_in_memory must be >= 2 (first and newest are always kept)")
         if self.fill_hole_area < 0:
             raise ValueError("fill_hole_area must be >= 0")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
     @property
     def is_sam21(self) -> bool:

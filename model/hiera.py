@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from masklet.model.common import MLP, DropPath
+from .common import MLP, DropPath
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -72,17 +72,19 @@ def segment_image(
     if points is None and mask_input is None:
         raise ValueError("segment_image needs points, a box or a mask_input")
 
-    sparse, dense = model.sam_prompt_encoder(points=points, boxes=None, masks=mask_input)
-    image_embed = emb.image_embed[None] + model.no_mem_embed.view(1, -1, 1, 1)
-    low_res, ious, _, _ = model.sam_mask_decoder(
-        image_embeddings=image_embed,
-        image_pe=model.sam_prompt_encoder.get_dense_pe(),
-        sparse_prompt_embeddings=sparse,
-        dense_prompt_embeddings=dense,
-        multimask_output=multimask,
-        repeat_image=False,
-        high_res_features=[f[None] for f in emb.high_res_feats],
-    )
+    with model.compute_context():
+        sparse, dense = model.sam_prompt_encoder(points=points, boxes=None, masks=mask_input)
+        image_embed = emb.image_embed[None] + model.no_mem_embed.view(1, -1, 1, 1)
+        low_res, ious, _, _ = model.sam_mask_decoder(
+            image_embeddings=image_embed,
+            image_pe=model.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask,
+            repeat_image=False,
+            high_res_features=[f[None] for f in emb.high_res_feats],
+        )
+    ious = ious.float()
     low_res = low_res.float()
     logits = F.interpolate(low_res, size=(h, w), mode="bilinear", align_corners=False)
     return ImageMasks(

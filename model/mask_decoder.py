@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from masklet.model.common import MLP, LayerNorm2d
+from .common import MLP, LayerNorm2d, batch_invariant_linear
 
 # Logit reported as "object present" when the decoder has no object-score head (sigmoid(10) ~ 1).
 OBJECT_PRESENT_LOGIT = 10.0
@@ -64,7 +64,8 @@ class MaskDecoder(nn.Module):
             self.conv_s1 = nn.Conv2d(transformer_dim, transformer_dim // 4, kernel_size=1, stride=1)
 
         self.output_hypernetworks_mlps = nn.ModuleList(
-            MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3) for _ in range(self.num_mask_tokens)
+            MLP(transformer_dim, transformer_dim, transformer_dim // 8, 3, batch_invariant=True)
+            for _ in range(self.num_mask_tokens)
         )
         self.iou_prediction_head = MLP(
             transformer_dim,
@@ -72,10 +73,13 @@ class MaskDecoder(nn.Module):
             self.num_mask_tokens,
             iou_head_depth,
             sigmoid_output=iou_prediction_use_sigmoid,
+            batch_invariant=True,
         )
         if pred_obj_scores:
             self.pred_obj_score_head = (
-                MLP(transformer_dim, transformer_dim, 1, 3) if pred_obj_scores_mlp else nn.Linear(transformer_dim, 1)
+                MLP(transformer_dim, transformer_dim, 1, 3, batch_invariant=True)
+                if pred_obj_scores_mlp
+                else nn.Linear(transformer_dim, 1)
             )
 
         # For single-mask output at inference, fall back to the best multimask output when the
@@ -162,7 +166,10 @@ class MaskDecoder(nn.Module):
         iou_token_out = token_out[:, first_out]  # [B, C]
         mask_tokens_out = token_out[:, first_out + 1 : first_out + 1 + self.num_mask_tokens]  # [B, M, C]
 
-        image = image_tokens.transpose(1, 2).reshape(batch, channels, h, w)
+        # Contiguous NCHW whatever the batch size: the transposed view looks channels-last to the convs
+        # below when B > 1 (but not when B = 1), and the channel mean of LayerNorm2d rounds differently
+        # in the two layouts. A batch of one already ran in NCHW, so this changes none of its bits.
+        image = image_tokens.transpose(1, 2).reshape(batch, channels, h, w).contiguous()
         if self.use_high_res_features:
             assert high_res_features is not None, "decoder built with use_high_res_features needs them"
             deconv1, norm1, act1, deconv2, act2 = self.output_upscaling
@@ -181,7 +188,7 @@ class MaskDecoder(nn.Module):
 
         iou_pred = self.iou_prediction_head(iou_token_out)  # [B, M]
         if self.pred_obj_scores:
-            object_score_logits = self.pred_obj_score_head(token_out[:, 0])  # [B, 1]
+            object_score_logits = batch_invariant_linear(self.pred_obj_score_head, token_out[:, 0])  # [B, 1]
         else:
             object_score_logits = iou_pred.new_full((batch, 1), OBJECT_PRESENT_LOGIT)
         return masks, iou_pred, mask_tokens_out, object_score_logits

@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from masklet.model.attention import RoPEAttention
-from masklet.model.common import activation_by_name
+from .attention import RoPEAttention
+from .common import activation_by_name
 
 
 def _with_pos(x: torch.Tensor, pos: Optional[torch.Tensor]) -> torch.Tensor:

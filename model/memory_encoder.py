@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from masklet.model.common import DropPath, LayerNorm2d
+from .common import DropPath, LayerNorm2d
 
 
 class MaskDownSampler(nn.Module):

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from masklet.model.common import LayerNorm2d
+from .common import LayerNorm2d
 
 PAD_LABEL = -1
 NUM_POINT_KINDS = 4  # negative, positive, box corner 1, box corner 2

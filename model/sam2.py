@@ -7,9 +7,10 @@ Shapes use S = image_size, h = w = S/16, C = hidden_dim (256), Cm = mem_dim (64)
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 import numpy as np
 import torch
@@ -20,7 +21,11 @@ from torch.nn.init import trunc_normal_
 from .common import MLP
 from .config import ModelConfig
 from .position_encoding import PositionEmbeddingSine, sine_embedding_1d
-from .types import FrameEmbedding
+from .types import FrameEmbedding, MaskResult
+
+if TYPE_CHECKING:
+    from .batched_step import StepRequest
+    from .tracker import ObjectTracker
 
 NO_OBJECT_LOGIT = -1024.0  # mask logit written where the object is judged absent (official value)
 IMAGE_MEAN = (0.485, 0.456, 0.406)
@@ -73,7 +78,7 @@ class SAM2Model(nn.Module):
         self.no_mem_pos_enc = nn.Parameter(torch.zeros(1, 1, c.hidden_dim))
         self.no_obj_ptr = nn.Parameter(torch.zeros(1, c.hidden_dim))
         self.no_obj_embed_spatial = nn.Parameter(torch.zeros(1, c.mem_dim)) if c.no_obj_embed_spatial else None
-        self.obj_ptr_proj = MLP(c.hidden_dim, c.hidden_dim, c.hidden_dim, 3)
+        self.obj_ptr_proj = MLP(c.hidden_dim, c.hidden_dim, c.hidden_dim, 3, batch_invariant=True)
         self.obj_ptr_tpos_proj = (
             nn.Linear(c.hidden_dim, c.mem_dim) if c.proj_tpos_enc_in_obj_ptrs else nn.Identity()
         )
@@ -86,6 +91,17 @@ class SAM2Model(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.no_mem_embed.device
+
+    @property
+    def precision(self) -> str:
+        """"fp32" (exact) or "bf16" (autocast); see ModelConfig.precision."""
+        return self.config.precision
+
+    def compute_context(self):
+        """Context every forward pass runs in: bfloat16 autocast for precision "bf16", nothing for "fp32"."""
+        if self.config.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     # ---- image encoding ------------------------------------------------------------------------
     def preprocess(self, frames: torch.Tensor | np.ndarray) -> torch.Tensor:
@@ -127,10 +143,14 @@ class SAM2Model(nn.Module):
             raise RuntimeError("this model copy was built without its image encoder (tracking only); "
                                "build it with with_image_encoder=True to encode frames")
         x = self.preprocess(frames)
-        fpn = self.image_encoder(x)["backbone_fpn"]  # [B,C,S/4,S/4], [B,C,S/8,S/8], [B,C,S/16,S/16]
-        s0 = self.sam_mask_decoder.conv_s0(fpn[0])  # [B, C/8, S/4, S/4]
-        s1 = self.sam_mask_decoder.conv_s1(fpn[1])  # [B, C/4, S/8, S/8]
-        return [FrameEmbedding(high_res_feats=(s0[i], s1[i]), image_embed=fpn[2][i]) for i in range(x.shape[0])]
+        with self.compute_context():
+            fpn = self.image_encoder(x)["backbone_fpn"]  # [B,C,S/4,S/4], [B,C,S/8,S/8], [B,C,S/16,S/16]
+            s0 = self.sam_mask_decoder.conv_s0(fpn[0])  # [B, C/8, S/4, S/4]
+            s1 = self.sam_mask_decoder.conv_s1(fpn[1])  # [B, C/4, S/8, S/8]
+        # Embeddings leave as float32 whatever the precision: they cross processes as numpy, which has no
+        # bfloat16. Under "bf16" the values are bf16-rounded (the cast back to float32 is exact).
+        s0, s1, top = s0.float(), s1.float(), fpn[2].float()
+        return [FrameEmbedding(high_res_feats=(s0[i], s1[i]), image_embed=top[i]) for i in range(x.shape[0])]
 
     def _cached(self, key: tuple, make) -> torch.Tensor:
         if key not in self._constant_cache:
@@ -296,11 +316,28 @@ class SAM2Model(nn.Module):
         return self.obj_ptr_tpos_proj(sine_embedding_1d(offsets.float() / max(max_offset, 1), dim=dim))
 
     # ---- entry points --------------------------------------------------------------------------
-    def new_tracker(self, video_size: tuple[int, int], num_frames: Optional[int] = None, *, reverse: bool = False):
+    def new_tracker(
+        self, video_size: tuple[int, int], num_frames: Optional[int] = None, *, reverse: bool = False
+    ) -> "ObjectTracker":
         """A tracker for one object of one video/stream. `num_frames` is the known length of a file."""
         from .tracker import ObjectTracker
 
         return ObjectTracker(self, video_size=video_size, num_frames=num_frames, reverse=reverse)
+
+    def restore_tracker(self, state: dict) -> "ObjectTracker":
+        """A tracker resumed from `tracker.state_dict()` (same model name and image size)."""
+        from .tracker import ObjectTracker
+
+        return ObjectTracker.from_state(self, state)
+
+    def step_many(self, requests: Sequence["StepRequest"]) -> list[MaskResult]:
+        """Step trackers of this model together (see batched_step.step_many); results in request order."""
+        from .batched_step import StepRequestError, step_many
+
+        for i, r in enumerate(requests):
+            if r.tracker.model is not self:
+                raise StepRequestError(f"request {i}: its tracker belongs to another model", i)
+        return step_many(requests)
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("use model.encode(frames) and model.new_tracker(...).step(...)")

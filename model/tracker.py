@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .batched_step import MemoryInputs, TrackingItem, track_group
 from .memory_bank import MemoryBank, MemoryEntry
 from .postprocess import fill_holes
 from .types import FrameEmbedding, MaskResult, Prompt
@@ -61,28 +62,39 @@ class ObjectTracker:
     @torch.inference_mode()
     def step(self, frame_idx: int, embedding: FrameEmbedding, prompt: Optional[Prompt] = None) -> MaskResult:
         frame_idx = int(frame_idx)
+        self.check_step(frame_idx, embedding, prompt)
+        emb = embedding.to(self.model.device)
+        with self.model.compute_context():
+            if prompt is not None:
+                result = self._run_prompted(frame_idx, emb, prompt, fresh=True, prev_logits=None)
+            else:
+                result = track_group(self.model, [TrackingItem(self, frame_idx, emb)])[0]
+        return result
+
+    def check_step(self, frame_idx: int, embedding: FrameEmbedding, prompt: Optional[Prompt]) -> None:
+        """Every check `step` makes before touching any state; raises ValueError."""
         self._check_order(frame_idx)
         if prompt is None and not self.bank.has_conditioning:
             raise ValueError(f"frame {frame_idx}: this object has no prompt yet; give one with its first step")
-        emb = self._prepare(embedding)
+        if embedding.image_size != self.model.image_size:
+            raise ValueError(f"embedding is for image size {embedding.image_size}, model uses {self.model.image_size}")
         if prompt is not None:
-            result = self._run_prompted(frame_idx, emb, prompt, fresh=True, prev_logits=None)
-            if self.first_prompt_frame is None:
-                self.first_prompt_frame = frame_idx
-        else:
-            result = self._run_tracking(frame_idx, emb)
-        self.last_frame_idx = frame_idx
-        return result
+            prompt.check_inside(self.video_size)
 
     @torch.inference_mode()
     def refine(self, embedding: FrameEmbedding, prompt: Prompt) -> MaskResult:
         """Correct the most recently stepped frame. `prompt` holds all clicks wanted on that frame."""
         if self.last_frame_idx is None:
             raise ValueError("refine() needs a frame that was already stepped")
+        if embedding.image_size != self.model.image_size:
+            raise ValueError(f"embedding is for image size {embedding.image_size}, model uses {self.model.image_size}")
+        prompt.check_inside(self.video_size)
         prev = None
         if prompt.mask is None:
             prev = self.last_low_res.clamp(-PREV_LOGITS_CLAMP, PREV_LOGITS_CLAMP)
-        return self._run_prompted(self.last_frame_idx, self._prepare(embedding), prompt, fresh=False, prev_logits=prev)
+        emb = embedding.to(self.model.device)
+        with self.model.compute_context():
+            return self._run_prompted(self.last_frame_idx, emb, prompt, fresh=False, prev_logits=prev)
 
     def reverse_tracker(self) -> "ObjectTracker":
         """A tracker that continues backwards from the first prompted frame k: step k-1, k-2, ..., 0."""
@@ -107,7 +119,6 @@ class ObjectTracker:
         self, frame_idx: int, emb: FrameEmbedding, prompt: Prompt, *, fresh: bool, prev_logits
     ) -> MaskResult:
         model = self.model
-        prompt.check_inside(self.video_size)
         image_embed, high_res = emb.image_embed[None], [f[None] for f in emb.high_res_feats]
         if prompt.mask is not None:
             dec = model.mask_as_output(image_embed, high_res, self._mask_to_input(prompt.mask))
@@ -123,25 +134,38 @@ class ObjectTracker:
             MemoryEntry(frame_idx, memory, dec.object_pointer, dec.presence_logit, low_res_logits=low_res)
         )
         self.reverse_seed.pop(frame_idx, None)
-        return self._result(frame_idx, low_res, dec, is_conditioning=True)
+        if fresh and self.first_prompt_frame is None:
+            self.first_prompt_frame = frame_idx
+        self.last_frame_idx = frame_idx
+        return self._result(frame_idx, low_res, dec.presence_logit, dec.iou, is_conditioning=True)
 
-    def _run_tracking(self, frame_idx: int, emb: FrameEmbedding) -> MaskResult:
-        model = self.model
-        image_embed, high_res = emb.image_embed[None], [f[None] for f in emb.high_res_feats]
-        conditioned = self._conditioned_features(frame_idx, image_embed, fresh=False)
-        dec = model.decode(conditioned, high_res, None, None, None, multimask=True)
-        memory = model.encode_memory(image_embed, dec.high_res_logits, dec.presence_logit, binarize=False)
-        entry = MemoryEntry(frame_idx, memory, dec.object_pointer, dec.presence_logit)
+    def commit_tracking(
+        self,
+        frame_idx: int,
+        memory: torch.Tensor,  # bf16 [1, Cm, h, w]
+        object_pointer: torch.Tensor,  # [1, C]
+        presence_logit: torch.Tensor,  # [1, 1]
+        low_res: torch.Tensor,  # [1, 1, S/4, S/4] (holes not yet filled)
+        iou: torch.Tensor,  # [1]
+    ) -> MaskResult:
+        """Second half of a tracking step (the first is `memory_inputs`): store this frame's memory."""
+        entry = MemoryEntry(frame_idx, memory, object_pointer, presence_logit)
         self.bank.add_recent(entry)
         self._remember_for_reverse(entry)
-        return self._result(frame_idx, self._fill_holes(dec.low_res_logits), dec, is_conditioning=False)
+        self.last_frame_idx = frame_idx
+        return self._result(frame_idx, self._fill_holes(low_res), presence_logit, iou, is_conditioning=False)
 
     def _conditioned_features(self, frame_idx: int, image_embed: torch.Tensor, *, fresh: bool) -> torch.Tensor:
-        """Memory attention input assembled from the bank; a fresh prompt uses no memory at all."""
-        model, c = self.model, self.model.config
+        """Memory attention output for one frame; a fresh prompt uses no memory at all."""
         if fresh:
-            return model.condition_on_memory(image_embed, None, None, 0)
-        _, _, h, w = image_embed.shape
+            return self.model.condition_on_memory(image_embed, None, None, 0)
+        inputs = self.memory_inputs(frame_idx)
+        return self.model.condition_on_memory(image_embed, inputs.tokens, inputs.positions, inputs.num_pointer_tokens)
+
+    def memory_inputs(self, frame_idx: int) -> MemoryInputs:
+        """What memory attention reads for `frame_idx`, assembled from the bank (one object, batch 1)."""
+        model, c = self.model, self.model.config
+        h = w = model.image_size // 16
         direction = -1 if self.reverse else 1
         memory_pos = model.memory_pos_embedding(h, w)  # [h*w, 1, Cm]
         tokens, positions = [], []
@@ -181,8 +205,7 @@ class ObjectTracker:
             tokens.append(ptrs)
             positions.append(time_enc.repeat_interleave(split, dim=0))
             num_pointer_tokens = ptrs.shape[0]
-        memory = torch.cat(tokens, dim=0)
-        return model.condition_on_memory(image_embed, memory, torch.cat(positions, dim=0), num_pointer_tokens)
+        return MemoryInputs(torch.cat(tokens, dim=0), torch.cat(positions, dim=0), num_pointer_tokens)
 
     # ---- helpers -------------------------------------------------------------------------------
     def _check_order(self, frame_idx: int) -> None:
@@ -194,11 +217,6 @@ class ObjectTracker:
         if last is not None and ((frame_idx >= last) if self.reverse else (frame_idx <= last)):
             order = "decreasing" if self.reverse else "increasing"
             raise ValueError(f"frames must be stepped in {order} order: got {frame_idx} after {last}")
-
-    def _prepare(self, embedding: FrameEmbedding) -> FrameEmbedding:
-        if embedding.image_size != self.model.image_size:
-            raise ValueError(f"embedding is for image size {embedding.image_size}, model uses {self.model.image_size}")
-        return embedding.to(self.model.device)
 
     def _mask_to_input(self, mask) -> torch.Tensor:
         S = self.model.image_size
@@ -220,15 +238,15 @@ class ObjectTracker:
         if 0 < distance <= self.bank.num_pointers:
             self.reverse_seed[entry.frame_idx] = entry if distance <= self.bank.num_spatial else entry.without_memory()
 
-    def _result(self, frame_idx: int, low_res: torch.Tensor, dec, *, is_conditioning: bool) -> MaskResult:
+    def _result(self, frame_idx: int, low_res: torch.Tensor, presence_logit: torch.Tensor, iou: torch.Tensor,
+                *, is_conditioning: bool) -> MaskResult:
         self.last_low_res = low_res
-        logits = F.interpolate(low_res, size=self.video_size, mode="bilinear", align_corners=False)[0, 0]
         return MaskResult(
             frame_idx=frame_idx,
-            logits=logits,
-            score=float(dec.presence_logit.reshape(-1)[0]),
-            iou=float(dec.iou.reshape(-1)[0]),
             low_res_logits=low_res[0],
+            score=float(presence_logit.reshape(-1)[0]),
+            iou=float(iou.reshape(-1)[0]),
+            video_size=self.video_size,
             is_conditioning=is_conditioning,
         )
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from masklet.model.attention import Attention
-from masklet.model.common import MLP
+from .attention import Attention
+from .common import MLP
 
 
 class TwoWayAttentionBlock(nn.Module):
@@ -31,7 +31,8 @@ class TwoWayAttentionBlock(nn.Module):
         self.cross_attn_token_to_image = Attention(embedding_dim, num_heads, downsample_rate=attention_downsample_rate)
         self.norm2 = nn.LayerNorm(embedding_dim)
 
-        self.mlp = MLP(embedding_dim, mlp_dim, embedding_dim, num_layers=2, activation=activation)
+        self.mlp = MLP(embedding_dim, mlp_dim, embedding_dim, num_layers=2, activation=activation,
+                       batch_invariant=True)
         self.norm3 = nn.LayerNorm(embedding_dim)
 
         self.norm4 = nn.LayerNorm(embedding_dim)

@@ -5,11 +5,13 @@ can cross process boundaries (Ray object store) without dragging the model along
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 @dataclass(frozen=True)
@@ -99,22 +101,59 @@ class Prompt:
             raise ValueError(f"mask is {self.mask.shape[1]}x{self.mask.shape[0]}, frame is {w}x{h}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class MaskResult:
-    """One object's output on one frame.
+    """One object's output on one frame, kept small: the mask stays at the model's low resolution.
 
-    logits: float32 [H, W] at video resolution (mask = logits > 0).
+    low_res_logits: float32 [1, S/4, S/4], what the official predictor stores as pred_masks.
+    video_size: (H, W) of the video; `logits` upsamples to it on first access (then cached), so
+                a caller that never asks for full resolution never pays for it.
     score: object-presence logit (> 0 means the object is judged present).
     iou: the mask decoder's IoU estimate for the returned mask.
-    low_res_logits: float32 [1, S/4, S/4], what the official predictor stores as pred_masks.
+    is_conditioning: the frame is one of the object's conditioning (prompted or corrected) frames.
+
+    `logits=` may be given explicitly (float32 [H, W]) by models whose full-resolution logits are not
+    a bilinear upsampling of `low_res_logits` (plug-in models, test fakes); video_size then defaults
+    to its shape.
     """
 
     frame_idx: int
-    logits: torch.Tensor
+    low_res_logits: torch.Tensor
     score: float
     iou: float
-    low_res_logits: torch.Tensor
+    video_size: tuple[int, int]
     is_conditioning: bool = False
+
+    def __init__(
+        self,
+        frame_idx: int,
+        low_res_logits: torch.Tensor,
+        score: float,
+        iou: float,
+        video_size: Optional[tuple[int, int]] = None,
+        is_conditioning: bool = False,
+        *,
+        logits: Optional[torch.Tensor] = None,
+    ) -> None:
+        if video_size is None:
+            if logits is None:
+                raise ValueError("MaskResult needs video_size (or explicit full-resolution logits)")
+            video_size = tuple(logits.shape[-2:])
+        video_size = (int(video_size[0]), int(video_size[1]))
+        if logits is not None and tuple(logits.shape) != video_size:
+            raise ValueError(f"logits are {tuple(logits.shape)}, video_size is {video_size}")
+        for name, value in (("frame_idx", int(frame_idx)), ("low_res_logits", low_res_logits),
+                            ("score", float(score)), ("iou", float(iou)), ("video_size", video_size),
+                            ("is_conditioning", bool(is_conditioning))):
+            object.__setattr__(self, name, value)
+        if logits is not None:
+            self.__dict__["logits"] = logits  # pre-fills the cached property below
+
+    @cached_property
+    def logits(self) -> torch.Tensor:
+        """float32 [H, W] at video resolution (mask = logits > 0): bilinear, align_corners=False."""
+        return F.interpolate(self.low_res_logits[None].float(), size=self.video_size, mode="bilinear",
+                             align_corners=False)[0, 0]
 
     @property
     def mask(self) -> torch.Tensor:

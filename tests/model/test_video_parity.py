@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from masklet.model import Prompt
+from masklet.model import Prompt, StepRequest
 from oracle import (
     build_official_video_predictor, compare_logits, official_state, ours_from, propagate, read_clip,
 )
@@ -18,6 +18,7 @@ from oracle import (
 S = 256  # image size for parity (RoPE feat_sizes [16, 16])
 N = 18  # >= 16 frames: SAM 2.1 normalises pointer time offsets by min(num_frames, 16) - 1
 CLICK = [[160.0, 90.0]]
+VIA = ["step", "step_many"]  # one tracker.step per object, or all objects of a frame in one step_many
 
 
 @pytest.fixture(scope="module")
@@ -37,24 +38,51 @@ def pair(name: str, correct_as_cond: bool = False):
     return _pairs[key]
 
 
-def run_official_simple(official, frames, tmp_path, prompts: dict[int, dict]):
-    """prompts: obj_id -> kwargs for add_new_points_or_box / add_new_mask at frame 0."""
+_refs: dict = {}
+
+
+def run_official_simple(official, frames, tmp_path, prompts: dict[int, dict], key=None):
+    """prompts: obj_id -> kwargs for add_new_points_or_box / add_new_mask at frame 0.
+
+    With a `key`, the official run is cached for the module, so the "step" and "step_many" variants of
+    a scenario are compared against one reference run.
+    """
+    if key is not None and key in _refs:
+        return _refs[key]
     state, images = official_state(official, frames, tmp_path)
     for obj_id, kw in prompts.items():
         if "mask" in kw:
             official.add_new_mask(state, frame_idx=0, obj_id=obj_id, mask=kw["mask"])
         else:
             official.add_new_points_or_box(state, frame_idx=0, obj_id=obj_id, **kw)
-    return state, images, propagate(official, state)
+    out = state, images, propagate(official, state)
+    if key is not None:
+        _refs[key] = out
+    return out
 
 
-def run_ours(model, images, video_size, prompt: Prompt, start: int = 0, num_frames=None):
+def run_ours(model, images, video_size, prompt: Prompt, start: int = 0, num_frames=None, via: str = "step"):
     embeddings = model.encode(images)
-    tracker = model.new_tracker(video_size, num_frames=num_frames)
-    out = {start: tracker.step(start, embeddings[start], prompt)}
-    for i in range(start + 1, len(embeddings)):
-        out[i] = tracker.step(i, embeddings[i])
-    return out, tracker, embeddings
+    outs, trackers = run_objects(model, embeddings, video_size, [prompt], start=start, num_frames=num_frames, via=via)
+    return outs[0], trackers[0], embeddings
+
+
+def run_objects(model, embeddings, video_size, prompts: list[Prompt], start: int = 0, num_frames=None,
+                via: str = "step"):
+    """Every object prompted at `start`, then tracked to the end: one tracker each, stepped one object
+    at a time ("step") or all objects of a frame in one call ("step_many")."""
+    trackers = [model.new_tracker(video_size, num_frames=num_frames) for _ in prompts]
+    outs = [{} for _ in prompts]
+    for i in range(start, len(embeddings)):
+        requests = [StepRequest(t, i, embeddings[i], p if i == start else None) for t, p in zip(trackers, prompts)]
+        if via == "step_many":
+            results = model.step_many(requests)
+        else:
+            assert via == "step", via
+            results = [r.tracker.step(r.frame_idx, r.embedding, r.prompt) for r in requests]
+        for out, result in zip(outs, results):
+            out[i] = result
+    return outs, trackers
 
 
 def assert_all_frames(ours: dict, ref: dict, obj_index: int = 0, what: str = ""):
@@ -66,13 +94,16 @@ def assert_all_frames(ours: dict, ref: dict, obj_index: int = 0, what: str = "")
     return worst
 
 
+@pytest.mark.parametrize("via", VIA)
 @pytest.mark.parametrize("name", ["sam2.1_hiera_tiny", "sam2_hiera_tiny", "sam2.1_hiera_small"])
-def test_point_prompt_matches_official(name, frames, tmp_path):
+def test_point_prompt_matches_official(name, via, frames, tmp_path):
     official, ours = pair(name)
-    state, images, ref = run_official_simple(official, frames, tmp_path, {1: dict(points=CLICK, labels=[1])})
-    out, _, _ = run_ours(ours, images, (state["video_height"], state["video_width"]), Prompt(points=CLICK, labels=[1]))
-    worst = assert_all_frames(out, ref, what=name)
-    print(f"{name}: worst rel diff {worst:.3g} over {N} frames")
+    state, images, ref = run_official_simple(official, frames, tmp_path, {1: dict(points=CLICK, labels=[1])},
+                                             key=("point", name))
+    out, _, _ = run_ours(ours, images, (state["video_height"], state["video_width"]), Prompt(points=CLICK, labels=[1]),
+                         via=via)
+    worst = assert_all_frames(out, ref, what=f"{name} via {via}")
+    print(f"{name} via {via}: worst rel diff {worst:.3g} over {N} frames")
 
 
 def test_box_prompt_matches_official(frames, tmp_path):
@@ -83,14 +114,15 @@ def test_box_prompt_matches_official(frames, tmp_path):
     assert_all_frames(out, ref, what="box")
 
 
-def test_mask_prompt_matches_official(frames, tmp_path):
+@pytest.mark.parametrize("via", VIA)
+def test_mask_prompt_matches_official(via, frames, tmp_path):
     official, ours = pair("sam2.1_hiera_tiny")
     h, w = frames[0].shape[:2]
     yy, xx = np.mgrid[:h, :w]
     mask = ((xx - 150) / 60.0) ** 2 + ((yy - 95) / 40.0) ** 2 <= 1.0
-    state, images, ref = run_official_simple(official, frames, tmp_path, {1: dict(mask=mask)})
-    out, _, _ = run_ours(ours, images, (h, w), Prompt(mask=mask))
-    assert_all_frames(out, ref, what="mask")
+    state, images, ref = run_official_simple(official, frames, tmp_path, {1: dict(mask=mask)}, key=("mask",))
+    out, _, _ = run_ours(ours, images, (h, w), Prompt(mask=mask), via=via)
+    assert_all_frames(out, ref, what=f"mask via {via}")
 
 
 def test_positive_and_negative_clicks_match_official(frames, tmp_path):
@@ -109,17 +141,33 @@ def test_box_plus_clicks_sam21_small(frames, tmp_path):
     assert_all_frames(out, ref, what="box+click small")
 
 
-def test_two_objects_as_independent_trackers(frames, tmp_path):
+@pytest.mark.parametrize("via", VIA)
+def test_two_objects_as_independent_trackers(via, frames, tmp_path):
     official, ours = pair("sam2.1_hiera_tiny")
     a, b = [[160.0, 90.0]], [[40.0, 150.0]]
     state, images, ref = run_official_simple(
-        official, frames, tmp_path, {1: dict(points=a, labels=[1]), 2: dict(points=b, labels=[1])}
+        official, frames, tmp_path, {1: dict(points=a, labels=[1]), 2: dict(points=b, labels=[1])}, key=("two",)
     )
     size = (state["video_height"], state["video_width"])
-    out_a, _, _ = run_ours(ours, images, size, Prompt(points=a, labels=[1]))
-    out_b, _, _ = run_ours(ours, images, size, Prompt(points=b, labels=[1]))
-    assert_all_frames(out_a, ref, 0, "object 1")
-    assert_all_frames(out_b, ref, 1, "object 2")
+    outs, _ = run_objects(ours, ours.encode(images), size, [Prompt(points=a, labels=[1]), Prompt(points=b, labels=[1])],
+                          via=via)
+    assert_all_frames(outs[0], ref, 0, f"object 1 via {via}")
+    assert_all_frames(outs[1], ref, 1, f"object 2 via {via}")
+
+
+def test_three_objects_of_mixed_prompts_in_one_step_many(frames, tmp_path):
+    """Point, box and positive+negative clicks: one step_many call per frame (batch of 3) vs the official."""
+    official, ours = pair("sam2.1_hiera_tiny")
+    point, box = [[160.0, 90.0]], [100.0, 40.0, 230.0, 150.0]
+    clicks, labels = [[60.0, 140.0], [250.0, 40.0]], [1, 0]
+    state, images, ref = run_official_simple(official, frames, tmp_path, {
+        1: dict(points=point, labels=[1]), 2: dict(box=box), 3: dict(points=clicks, labels=labels)})
+    size = (state["video_height"], state["video_width"])
+    prompts = [Prompt(points=point, labels=[1]), Prompt(box=box), Prompt(points=clicks, labels=labels)]
+    outs, _ = run_objects(ours, ours.encode(images), size, prompts, via="step_many")
+    for k in range(3):
+        worst = assert_all_frames(outs[k], ref, k, f"object {k + 1} in step_many")
+        print(f"object {k + 1}: worst rel diff {worst:.3g} over {N} frames")
 
 
 def test_prompt_at_later_frame_matches_repropagation(frames, tmp_path):
