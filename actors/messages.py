@@ -54,7 +54,11 @@ class _Message(BaseModel):
 
     @classmethod
     def from_json_bytes(cls, data: Union[bytes, bytearray, memoryview, str], *, max_depth: int = MAX_JSON_DEPTH):
-        payload = _load_json_object(data, cls.SCHEMA, max_depth)
+        return cls.from_payload(_load_json_object(data, cls.SCHEMA, max_depth))
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]):
+        """Validate an already parsed JSON object (a consumer may look at its size first)."""
         found = payload.get("schema")
         if found != cls.SCHEMA:
             raise MessageError(f"unsupported schema {found!r}: expected {cls.SCHEMA!r}")

@@ -17,7 +17,7 @@ from PIL import Image, ImageOps
 
 from masklet.pipeline.kafka.deadletter import Rejected
 from masklet.actors.payloads import EncodedImage
-from masklet.actors.messages import FRAME_SCHEMA, FrameHeaders, MessageError, PromptMessage
+from masklet.actors.messages import FRAME_SCHEMA, FrameHeaders, MessageError, PromptMessage, load_json
 from masklet.actors.prompt_limits import InputLimits, PromptLimitError, check_prompt
 
 JPEG = "image/jpeg"
@@ -171,13 +171,26 @@ def parse_prompt(value: Optional[bytes], streams: Optional[Mapping[str, tuple[in
     if len(data) > limits.max_prompt_bytes:
         raise Rejected("malformed_prompt", "too_large", f"prompt of {len(data)} bytes exceeds {limits.max_prompt_bytes}")
     try:
-        prompt = PromptMessage.from_json_bytes(data, max_depth=limits.max_nesting_depth)
+        payload = load_json(data, limits.max_nesting_depth, what=f"{PromptMessage.SCHEMA} message")
+        _check_point_count(payload, limits)  # before validation: 100,000 points cost seconds to validate
+        if not isinstance(payload, dict):
+            raise MessageError(f"prompt message must be a JSON object, got {type(payload).__name__}")
+        prompt = PromptMessage.from_payload(payload)
     except MessageError as exc:
         kind = "unknown_schema" if "unsupported schema" in str(exc) else "malformed_prompt"
         raise Rejected("unknown_schema" if kind == "unknown_schema" else "malformed_prompt", kind, str(exc)) from None
     size = streams.get(prompt.stream_id) if streams is not None else None
     _check(prompt, size, limits)
     return prompt
+
+
+def _check_point_count(payload: object, limits: InputLimits) -> None:
+    if isinstance(payload, dict):
+        for name in ("points", "labels"):
+            items = payload.get(name)
+            if isinstance(items, list) and len(items) > limits.max_points_per_prompt:
+                raise Rejected("malformed_prompt", "too_large", f"{len(items)} {name}, at most "
+                                                                f"{limits.max_points_per_prompt} per prompt")
 
 
 def check_prompt_range(prompt: PromptMessage, streams: Mapping[str, tuple[int, int]],
