@@ -17,7 +17,8 @@ from PIL import Image, ImageOps
 
 from masklet.pipeline.kafka.deadletter import Rejected
 from masklet.actors.payloads import EncodedImage
-from masklet.actors.messages import FRAME_SCHEMA, FrameHeaders, MessageError, PromptMessage, load_json
+from masklet.actors.messages import (FRAME_SCHEMA, FrameHeaders, MessageError, MessageTooLarge, PromptMessage,
+                                     load_json)
 from masklet.actors.prompt_limits import InputLimits, PromptLimitError, check_prompt
 
 JPEG = "image/jpeg"
@@ -171,11 +172,16 @@ def parse_prompt(value: Optional[bytes], streams: Optional[Mapping[str, tuple[in
     if len(data) > limits.max_prompt_bytes:
         raise Rejected("malformed_prompt", "too_large", f"prompt of {len(data)} bytes exceeds {limits.max_prompt_bytes}")
     try:
-        payload = load_json(data, limits.max_nesting_depth, what=f"{PromptMessage.SCHEMA} message")
-        _check_point_count(payload, limits)  # before validation: 100,000 points cost seconds to validate
+        # A prompt is a dozen fields plus 3 values per point (x, y, label): more values than that
+        # are refused before parsing (parsing and validating 100,000s of points takes seconds).
+        payload = load_json(data, limits.max_nesting_depth, max_values=3 * limits.max_points_per_prompt + 64,
+                            what=f"{PromptMessage.SCHEMA} message")
+        _check_point_count(payload, limits)
         if not isinstance(payload, dict):
             raise MessageError(f"prompt message must be a JSON object, got {type(payload).__name__}")
         prompt = PromptMessage.from_payload(payload)
+    except MessageTooLarge as exc:
+        raise Rejected("malformed_prompt", "too_large", str(exc)) from None
     except MessageError as exc:
         kind = "unknown_schema" if "unsupported schema" in str(exc) else "malformed_prompt"
         raise Rejected("unknown_schema" if kind == "unknown_schema" else "malformed_prompt", kind, str(exc)) from None
