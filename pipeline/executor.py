@@ -37,6 +37,7 @@ from masklet.monitoring.stats import Stats, StatsSnapshot, merge
 from masklet.pipeline import commands as c
 from masklet.pipeline.batching import DynamicBatcher
 from masklet.pipeline.executor_config import ExecutorConfig
+from masklet.pipeline.executor_done import complete
 from masklet.pipeline.placement import ActorPool
 
 __all__ = ["Executor", "ExecutorConfig"]
@@ -282,8 +283,6 @@ class Executor:
     def poll(self, timeout: float = 0.0, *, flush: bool = False) -> list[Any]:
         """Release due encoder batches, wait up to `timeout` (less if a batch deadline comes first,
         nothing if completions are already there) and return every completion that is ready."""
-        from masklet.pipeline.executor_done import complete
-
         self._release_batches(flush)
         out, self._ready = self._ready, []
         wait_s = 0.0 if out else max(0.0, timeout)

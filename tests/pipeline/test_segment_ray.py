@@ -225,3 +225,36 @@ def test_encoder_and_tracker_sigkilled_mid_stream(ray_session, tmp_path):
 
     report = _kill_run(ray_session, tmp_path, FAKE, killer, n=24)
     assert report.tracker_restarts >= 1 and report.encoder_restarts >= 1
+
+
+def test_tracker_process_hosting_two_streams_sigkilled(ray_session, tmp_path):
+    """One tracker process hosts both streams' objects (packing); SIGKILL it mid-run: every object is
+    reopened from its own snapshot and the masks equal an uninterrupted run."""
+    config = engine_cfg(max_batch_size=2, max_wait_ms=1, snapshot_every=3, replay_frames=6, queue_capacity=6)
+    objects = {1: {0: Prompt(points=[[20, 20]], labels=[1])}, 2: {1: Prompt(points=[[40, 24]], labels=[1])}}
+
+    def specs(sub):
+        return [StreamSpec(f"s{s}", fake_opener(num_frames=20, seed=s), objects,
+                           SegmentOutputs(str(tmp_path / sub / f"s{s}"), False, False), bidirectional=False)
+                for s in range(2)]
+
+    hosted: list = []
+
+    def killer(engine, outcome):
+        if not hosted and outcome.frames_published >= 6:
+            actor = engine.executor.trackers.actor_of(ObjectKey("s0", 1))
+            hosted.extend(engine.executor.trackers.members_of(actor))
+            os.kill(ray.get(actor.impl.pid.remote()), signal.SIGKILL)
+
+    engine = Engine(RayBackend(), FAKE, config, on_progress=lambda outcome: killer(engine, outcome))
+    report = engine.run(specs("ray"))
+    engine.shutdown()
+    reference = Engine(InProcessBackend(), FAKE, config).run(specs("ref"))
+    assert {k.stream_id for k in hosted} == {"s0", "s1"} and len(hosted) == 4, hosted
+    assert report.tracker_restarts == 1
+    assert sorted(e.message.split(":")[0] for e in report.events if e.kind == "object_recovered") == \
+        ["object 1", "object 1", "object 2", "object 2"]
+    for s in ("s0", "s1"):
+        assert report.streams[s].ok and reference.streams[s].ok
+        assert_masks_match(records_masks(tmp_path / "ray" / s / "masklets.jsonl"),
+                           records_masks(tmp_path / "ref" / s / "masklets.jsonl"))
