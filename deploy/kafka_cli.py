@@ -12,6 +12,7 @@ import sys
 from typing import Optional, Sequence
 
 from masklet.deploy.metrics_flags import add_metrics_arguments, start_metrics
+from masklet.deploy.model_args import add_model_arguments
 
 EXIT_OK, EXIT_ERROR, EXIT_GAVE_UP, EXIT_INCOMPLETE = 0, 1, 3, 4
 
@@ -120,48 +121,36 @@ def run_run(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from masklet.actors.payloads import ModelSpec
-    from masklet.model.checkpoints import CheckpointError, resolve_checkpoint
+    from masklet.model.checkpoints import CheckpointError
     from masklet.actors.backend import InProcessBackend, RayBackend
     from masklet.pipeline.config import ConfigError, load_settings
+    from masklet.pipeline.configure import live_config, model_spec
     from masklet.pipeline.kafka.client import settings_from
     from masklet.pipeline.kafka.run import KafkaRunner
-    from masklet.pipeline.live import LiveConfig
+    from masklet.deploy.model_args import model_overrides
     from masklet.deploy.segment import RANDOM_WEIGHTS_WARNING
 
     _quiet_kafka_logs(args.verbose)
     try:
-        settings = load_settings(args.config, model={"name": args.model, "checkpoint": args.checkpoint,
-                                                     "image_size": args.image_size, "device": args.device})
+        settings = load_settings(args.config, model=model_overrides(args))
         kafka = settings_from(args.bootstrap_servers, settings.kafka)
         if args.group_id:
             kafka = kafka.model_copy(update={"group_id": args.group_id})
         if args.no_resume_objects:
             kafka = kafka.model_copy(update={"resume": kafka.resume.model_copy(update={"enabled": False})})
         ps = settings.pipeline
-        config = LiveConfig(max_batch_size=ps.max_batch_size, max_wait_ms=ps.max_wait_ms,
-                            queue_capacity=args.queue_capacity, snapshot_every=ps.snapshot_every_n_frames,
-                            ring_buffer_frames=max(args.ring_buffer_frames, ps.snapshot_every_n_frames),
-                            max_streams=args.max_streams)
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
     if settings.model.checkpoint == "random":
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     try:
-        checkpoint = resolve_checkpoint(settings.model.name, settings.model.checkpoint_for_model_api())
-    except CheckpointError as exc:
+        model = model_spec(settings)
+        config = live_config(settings, model, queue_capacity=args.queue_capacity,
+                             ring_buffer_frames=args.ring_buffer_frames, max_streams=args.max_streams)
+    except (CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ERROR
-    import torch
-
-    device = settings.model.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = ModelSpec(settings.model.name, None if checkpoint is None else str(checkpoint),
-                      settings.model.image_size, device)
-    if device.startswith("cuda"):
-        config = LiveConfig(**{**config.__dict__, "encoder_gpus": 0.5, "tracker_gpus": 0.01})
     backend = InProcessBackend() if (args.backend or ps.backend) == "inprocess" else RayBackend()
     # After the backend: ray.init installs its own SIGTERM handler, which would kill the driver
     # before it flushes, commits and leaves the group.
@@ -220,10 +209,7 @@ def register(subparsers) -> None:
     prompt.set_defaults(func=run_prompt)
 
     run = subparsers.add_parser("run", help="consume frames + prompts, publish masklets (live streams)")
-    run.add_argument("--model", default="sam2.1_hiera_tiny")
-    run.add_argument("--checkpoint", default="auto", help="auto (download official weights), a .pt path, or random")
-    run.add_argument("--image-size", type=int, default=1024)
-    run.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    add_model_arguments(run)
     run.add_argument("--group-id", help="consumer group (default: config kafka.group_id, 'masklet')")
     run.add_argument("--overload", default="drop", choices=("drop", "pause"),
                      help="drop: DROP_OLDEST per stream, drops reported in the next record (live); "
