@@ -215,6 +215,9 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
     @app.post("/streams/{stream_id}/objects", status_code=202, response_model=ObjectAccepted)
     def add_object(stream_id: str, body: AddObject) -> ObjectAccepted:
         feeder = registry.get(stream_id)
+        if feeder.status.size is not None:  # a refused prompt must not use up an object id
+            width, height = feeder.status.size
+            prompt_to_model(body.to_prompt(stream_id, body.object_id or 0, 0, "add"), height, width, input_limits)
         status = _session_status(slot, feeder)
         known = set(status.objects) if status is not None else set()
         object_id = registry.allocate_object_id(stream_id, body.object_id, known)

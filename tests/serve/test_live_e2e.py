@@ -37,6 +37,13 @@ def test_add_refine_remove_with_the_real_session(live_client):
     status = client.get("/streams/cam1").json()
     assert status["objects"].keys() == {"1"} and status["frames_published"] > 0 and status["fps"] >= 0
 
+    # issue 12: bodies that gave HTTP 500 (non-ASCII RLE counts) or a 6 GB decode (a 65-byte mask
+    # declaring 50000x50000) over the real session: one-line 422s, the session untouched
+    for mask, reason in (({"size": [64, 96], "counts": "\u00ff\u00fe"}, "invalid_prompt"),
+                         ({"size": [50000, 50000], "counts": ""}, "out_of_range")):
+        refused = client.post("/streams/cam1/objects", json={"mask": mask})
+        assert refused.status_code == 422 and refused.json()["detail"].startswith(reason), refused.text
+
     boxed = client.post("/streams/cam1/objects", json={"box": [5, 5, 40, 40]})
     assert boxed.status_code == 202 and boxed.json()["object_id"] == 2
     too_old = client.post("/streams/cam1/objects/1/refine", json={"points": [[31, 31]], "labels": [0], "frame_idx": 0})
