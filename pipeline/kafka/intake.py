@@ -68,6 +68,7 @@ class Intake:
         self.prompt_waits: dict[str, list[tuple[int, tuple[str, int], int]]] = {}
         self.partition_streams: dict[int, set[str]] = {}           # frames partition -> streams read there
         self._takes_lost = "lost_before" in inspect.signature(runner.session.submit_frame).parameters
+        self._takes_published_until = "published_until" in inspect.signature(runner.session.open_stream).parameters
 
     def buffered(self) -> int:
         return len(self.backlog) + self.r.order.waiting() + self.r.reorder.held()
@@ -160,8 +161,9 @@ class Intake:
         r = self.r
         if frame.stream_id in r.session.streams():
             return True
+        outcome = r.resumer.plan(frame.stream_id, frame.frame_idx) if r.resumer is not None else None
         try:
-            r.session.open_stream(frame.stream_id, *frame.size, source_type="kafka")
+            r.session.open_stream(frame.stream_id, *frame.size, source_type="kafka", **self._republishing(outcome))
         except ValueError as exc:  # max_streams reached
             r.deadletters.publish(Rejected("internal_error", "too_many_streams", str(exc)),
                                   source_topic=record.topic, payload=record.value, key=record.key,
@@ -169,14 +171,22 @@ class Intake:
             r.stats.inc("masklet_frames_dropped_total", reason="too_many_streams")
             return False
         r.report.streams.add(frame.stream_id)
-        if r.resumer is not None:
-            r.resume_objects(frame)
+        if outcome is not None:
+            r.resume_objects(outcome)
         for held in self.held_prompts.pop(frame.stream_id, []):
             if r.gate.recheck(held.prompt, held.record):  # after the resumed objects: the user's prompt wins
                 self.submit_prompt(held.prompt, held.record)
             else:
                 r.dead_lettered(held.tp, held.record.offset)
         return True
+
+    def _republishing(self, outcome: Any) -> dict:
+        """After a restart the replay republishes frames already in the masklets topic: the session
+        numbers their revisions above the highest one there, so a consumer that keeps the highest
+        revision never swaps a revised record for a stale replay."""
+        if outcome is None or outcome.published_until is None or not self._takes_published_until:
+            return {}
+        return {"published_until": outcome.published_until, "revision_floor": outcome.revision_floor}
 
     # -- prompts ----------------------------------------------------------------------------
 

@@ -45,6 +45,8 @@ class ResumeOutcome:
     source_frame_idx: Optional[int]        # the record the masks come from
     prompts: tuple[PromptMessage, ...]     # one mask `add` per object present in that record
     absent_object_ids: tuple[int, ...]     # listed in that record without a mask: not resumed
+    published_until: Optional[int] = None  # the stream's newest frame already in the topic (replays repeat it)
+    revision_floor: int = 0                # the highest revision among the records read
 
     @property
     def resumed_object_ids(self) -> tuple[int, ...]:
@@ -85,7 +87,10 @@ class NewestRecordFinder:
 
     def newest_before(self, stream_id: str, frame_idx: int) -> tuple[Optional[MaskletRecord], int]:
         """The stream's record with the highest frame index in
-        [frame_idx - max_gap_frames, frame_idx), or None; and how many records were read."""
+        [frame_idx - max_gap_frames, frame_idx), or None; and how many records were read.
+        `self.seen` then holds the newest frame index and the highest revision of every record of
+        the stream read on the way (the replayed frames' records sit after that record)."""
+        self.seen = _Seen()
         deadline = time.monotonic() + self.config.timeout_s
         key = stream_id.encode("utf-8")
         tp = self._partition_of(key, deadline)
@@ -149,7 +154,10 @@ class NewestRecordFinder:
                 if message.key != key:
                     continue
                 record = _parse(message.value)
-                if record is None or record.stream_id != key.decode("utf-8") or record.frame_idx >= frame_idx:
+                if record is None or record.stream_id != key.decode("utf-8"):
+                    continue
+                self.seen.add(record)
+                if record.frame_idx >= frame_idx:
                     continue
                 if record.frame_idx < oldest_useful:
                     past_gap = True
@@ -162,6 +170,19 @@ class NewestRecordFinder:
     @staticmethod
     def _poll_ms(deadline: float) -> int:
         return max(1, min(200, int((deadline - time.monotonic()) * 1000)))
+
+
+@dataclass
+class _Seen:
+    """Across the records of one stream read by one lookup: the newest frame, the highest revision."""
+
+    newest_frame_idx: Optional[int] = None
+    max_revision: int = 0
+
+    def add(self, record: MaskletRecord) -> None:
+        if self.newest_frame_idx is None or record.frame_idx > self.newest_frame_idx:
+            self.newest_frame_idx = record.frame_idx
+        self.max_revision = max(self.max_revision, record.revision)
 
 
 def _parse(value: bytes) -> Optional[MaskletRecord]:
@@ -183,10 +204,12 @@ class ObjectResumer:
         except Exception as exc:  # noqa: BLE001 - the stream must start, with or without its objects
             log.warning("stream %s: could not read back its last record (%s); it starts without objects", stream_id, exc)
             return ResumeOutcome(stream_id, first_frame_idx, None, (), ())
+        seen = getattr(self.finder, "seen", None) or _Seen()
         if record is None:
-            return ResumeOutcome(stream_id, first_frame_idx, None, (), ())
+            return ResumeOutcome(stream_id, first_frame_idx, None, (), (), seen.newest_frame_idx, seen.max_revision)
         prompts, absent = resume_prompts(record, first_frame_idx)
-        outcome = ResumeOutcome(stream_id, first_frame_idx, record.frame_idx, prompts, absent)
+        outcome = ResumeOutcome(stream_id, first_frame_idx, record.frame_idx, prompts, absent,
+                                seen.newest_frame_idx, seen.max_revision)
         log.warning("stream %s: resuming at frame %d from its record of frame %d: objects %s; absent then, "
                     "not resumed: %s", stream_id, first_frame_idx, record.frame_idx,
                     list(outcome.resumed_object_ids), list(absent))

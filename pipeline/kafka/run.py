@@ -38,7 +38,7 @@ from masklet.pipeline.config import DEFAULT_MAX_PIXELS, KafkaSettings
 from masklet.pipeline.kafka.client import consumer_kwargs, producer_kwargs, profile_of
 from masklet.pipeline.kafka.deadletter import DeadLetterPublisher, Rejected
 from masklet.pipeline.kafka.fetch import FramesFetch
-from masklet.pipeline.kafka.gate import AcceptedFrame, InputGate
+from masklet.pipeline.kafka.gate import InputGate
 from masklet.pipeline.kafka.intake import HeldPrompt, Intake  # noqa: F401 (HeldPrompt re-exported)
 from masklet.pipeline.kafka.offsets import TP, OffsetBook
 from masklet.pipeline.kafka.order import PromptOrder
@@ -187,11 +187,10 @@ class KafkaRunner:
 
     # -- shared with Intake -----------------------------------------------------------------
 
-    def resume_objects(self, frame: AcceptedFrame) -> None:
-        """Re-add the objects of the stream's last record, as mask prompts held for this frame."""
+    def resume_objects(self, outcome: ResumeOutcome) -> None:
+        """Re-add the objects of the stream's last record, as mask prompts held for its first frame."""
         from masklet.pipeline.live import PromptRejected
 
-        outcome = self.resumer.plan(frame.stream_id, frame.frame_idx)
         if outcome.source_frame_idx is None:
             return
         for prompt in outcome.prompts:

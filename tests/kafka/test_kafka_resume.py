@@ -233,3 +233,46 @@ def test_resume_empties_kafka_pythons_used_up_records_slot_so_parked_records_com
     fetch.pause_or_resume(full=False)
     assert consumer.calls == ["pause ['frames']", "resume ['frames']", "seek frames 23"]
     assert consumer._fetcher._next_partition_records is None and report.parked_restores == 1
+
+
+def test_a_replay_after_a_restart_republishes_above_the_highest_revision_in_the_topic(kafka_settings,
+                                                                                      consume_records):
+    """Issue 11.5: a consumer keeping the highest revision per (stream, frame) never has a revised
+    record replaced by a stale replay. The first run publishes frames 0-9 (some revised, by a late
+    prompt); a second run in another group replays them all."""
+    frames = synthetic_frames(14)
+    bg = Background(kafka_settings, FAKE)
+    try:
+        publish_frames(kafka_settings, "cam", frames, 0, 10)
+        consume_records(kafka_settings, kafka_settings.topics.masklets, 10, 60)
+        x0 = 4 + (6 * 2) % 44
+        late = PromptMessage(stream_id="cam", object_id=1, frame_idx=6, action="add", points=[(x0 + 7, 23)], labels=[1])
+        send_raw(kafka_settings, kafka_settings.topics.prompts, late.to_json_bytes(), b"cam")
+        deadline = time.monotonic() + 60  # frames 6-9 were published: the late prompt revises them
+        while bg.runner.session.status("cam").revisions < 4:
+            assert time.monotonic() < deadline, bg.runner.session.status("cam")
+            time.sleep(0.05)
+        first = [MaskletRecord.from_json_bytes(r.value) for r in consume_records(
+            kafka_settings, kafka_settings.topics.masklets, 14, 60)]
+    finally:
+        bg.close()
+    floor = max(r.revision for r in first)
+    assert floor >= 1 and [r.frame_idx for r in first if r.revision] == [6, 7, 8, 9], [(r.frame_idx, r.revision) for r in first]
+
+    replay = kafka_settings.model_copy(update={"group_id": "replay"})  # a new member: replays from offset 0
+    second = Background(replay, FAKE)
+    try:
+        publish_frames(replay, "cam", frames, 10, 14)
+        records = [MaskletRecord.from_json_bytes(r.value) for r in consume_records(
+            replay, replay.topics.masklets, len(first) + 14, 60)]
+    finally:
+        second.close()
+    replayed = records[len(first):]
+    assert sorted(r.frame_idx for r in replayed) == list(range(14))
+    assert all(r.revision == floor + 1 for r in replayed if r.frame_idx <= 9), [(r.frame_idx, r.revision) for r in replayed]
+    assert all(r.revision == 0 for r in replayed if r.frame_idx >= 10)
+    latest: dict = {}
+    for r in records:  # what a consumer keeping the highest revision ends up with
+        if r.revision >= latest.get(r.frame_idx, r).revision:
+            latest[r.frame_idx] = r
+    assert all(latest[i] in replayed for i in range(14))
