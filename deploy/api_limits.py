@@ -5,9 +5,11 @@ are set in one place, the deployment's entry in deploy/serve_config.yaml: `serve
 them from there, `masklet serve` reads them from there (`deployment_limits`), and
 deploy/rayservice.yaml embeds the same applications. Beyond both, Serve's proxy answers 503.
 
-Inside the replica the app answers 503 itself, before Serve's cap is reached (`in_flight_cap`):
-ordinary requests get max_ongoing_requests less the SSE feeds (limits.max_event_streams, their
-own cap) less a reserve that keeps /health/live answering under any load.
+Inside the replica the app answers 503 + Retry-After itself (`in_flight_cap`): past
+limits.max_in_flight_requests ordinary requests, and past limits.max_event_streams SSE feeds.
+max_ongoing_requests is set far above their sum, so a burst reaches the app (which answers it in
+milliseconds) instead of Serve's proxy, whose 503 carries no Retry-After and which would refuse
+/health/live too.
 """
 from __future__ import annotations
 
@@ -43,18 +45,20 @@ def deployment_limits(serve_config: Path = SERVE_CONFIG) -> dict:
     except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"{serve_config}: no MaskletAPI max_ongoing_requests/max_queued_requests "
                          f"({type(exc).__name__}: {exc})") from None
-    in_flight_cap(limits["max_ongoing_requests"], LimitsSettings().max_event_streams)  # fits, or one line
+    in_flight_cap(limits["max_ongoing_requests"], LimitsSettings())  # the default limits fit, or one line
     return limits
 
 
-def in_flight_cap(max_ongoing_requests: int, max_event_streams: int) -> int:
-    """The app's own cap on ordinary requests: it answers 503 itself before Serve's cap is reached,
-    keeping room for the SSE feeds and for /health/*, which no cap refuses."""
-    cap = max_ongoing_requests - max_event_streams - HEALTH_REQUEST_RESERVE
-    if cap < 1:
-        raise ValueError(f"max_ongoing_requests ({max_ongoing_requests}) must exceed limits.max_event_streams "
-                         f"({max_event_streams}) + {HEALTH_REQUEST_RESERVE} (kept for /health/*)")
-    return cap
+def in_flight_cap(max_ongoing_requests: int, limits: LimitsSettings) -> int:
+    """The app's own cap on ordinary requests (limits.max_in_flight_requests), checked to fit inside
+    Serve's max_ongoing_requests together with the SSE feeds and the /health reserve: the app then
+    answers 503 + Retry-After itself long before Serve's proxy would (its 503 has no Retry-After)."""
+    needed = limits.max_in_flight_requests + limits.max_event_streams + HEALTH_REQUEST_RESERVE
+    if max_ongoing_requests < needed:
+        raise ValueError(f"max_ongoing_requests ({max_ongoing_requests}) must be at least "
+                         f"limits.max_in_flight_requests ({limits.max_in_flight_requests}) + limits.max_event_streams "
+                         f"({limits.max_event_streams}) + {HEALTH_REQUEST_RESERVE} (kept for /health/*)")
+    return limits.max_in_flight_requests
 
 
 def replica_max_ongoing_requests() -> int:

@@ -52,8 +52,8 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
     The app owns `session.poll()` (it fans records out to /events); `token` defaults to the
     settings' api_token. Kafka-sourced streams and the Kafka readiness check need `kafka`.
     `limits` (settings.limits) bound prompts, objects, SSE feeds and requests in flight;
-    `max_in_flight` caps ordinary requests (default: deploy/serve_config.yaml's max_ongoing_requests
-    less the SSE feeds and the /health reserve, see `in_flight_cap`).
+    `max_in_flight` caps ordinary requests (default: limits.max_in_flight_requests, checked against
+    deploy/serve_config.yaml's max_ongoing_requests, see `in_flight_cap`).
     """
     settings = settings or ServeSettings()
     limits_settings = limits or LimitsSettings()
@@ -63,7 +63,7 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
         raise ValueError("create_app needs a bearer token (settings.api_token or token=)")
     slot = session if isinstance(session, SessionSlot) else SessionSlot(session)
     if max_in_flight is None:
-        max_in_flight = in_flight_cap(deployment_limits()["max_ongoing_requests"], limits_settings.max_event_streams)
+        max_in_flight = in_flight_cap(deployment_limits()["max_ongoing_requests"], limits_settings)
     limits = ApiLimits(max_body_bytes=settings.max_body_bytes, max_streams=settings.max_streams,
                        max_in_flight=max_in_flight,
                        max_event_streams=limits_settings.max_event_streams)
@@ -357,7 +357,7 @@ def _serve_deployment() -> Any:
 
         def __serve_build_asgi_app__(self) -> FastAPI:
             kafka = self.settings.kafka if self.options.get("kafka") else None
-            cap = in_flight_cap(replica_max_ongoing_requests(), self.settings.limits.max_event_streams)
+            cap = in_flight_cap(replica_max_ongoing_requests(), self.settings.limits)
             app = create_app(self.slot, self.settings.serve, token=self.token, kafka=kafka,
                              limits=self.settings.limits, max_in_flight=cap)
             self.limits = app.state.limits

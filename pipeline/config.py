@@ -274,7 +274,7 @@ class ServeSettings(_Section):
 
 class LimitsSettings(_Section):
     """Bounded work per input (README "Limits"), as the frozen `actors.prompt_limits.InputLimits`
-    the code enforces (`input_limits()`), plus the control API's cap on open SSE feeds.
+    the code enforces (`input_limits()`), plus the control API's caps on requests and SSE feeds.
 
     Ray Serve's own request limits (max_ongoing_requests, max_queued_requests) live in one place,
     the MaskletAPI entry of deploy/serve_config.yaml, which `masklet serve` reads too.
@@ -290,6 +290,9 @@ class LimitsSettings(_Section):
     max_frame_gap: int = Field(100_000, ge=1, description="Kafka: frame_idx this far past its stream's newest frame "
                                                           "is a dead letter")
     frame_gap_resync: int = Field(3, ge=1, description="...unless this many frames in a row agree on the jump")
+    # Control API: ordinary requests worked on at once (beyond it: 503 + Retry-After at once), and
+    # open SSE feeds (their own cap). /health/* has none.
+    max_in_flight_requests: int = Field(16, ge=1, le=10_000)
     max_event_streams: int = Field(16, ge=1, le=10_000, description="open SSE feeds (/streams/{id}/events)")
 
     def input_limits(self) -> InputLimits:
