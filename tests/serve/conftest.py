@@ -140,3 +140,19 @@ def is_loopback(address: str) -> bool:
     ip = ipaddress.ip_address(address)
     mapped = getattr(ip, "ipv4_mapped", None)
     return ip.is_loopback or (mapped is not None and mapped.is_loopback)
+
+
+def start_local_ray(monkeypatch, **kwargs) -> None:
+    """A new Ray session on loopback for this test: address="local" never joins a cluster another
+    process started with `ray start` on this machine (plain ray.init() would, then refuse num_cpus).
+    init_ray applies its loopback switch only without an address, so it is applied here too."""
+    from masklet.actors.backend import init_ray
+
+    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    try:  # read when ray is imported, and ray may be imported already
+        from ray._private import ray_constants
+
+        monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+    except (ImportError, AttributeError):
+        pass
+    init_ray(address="local", **kwargs)

@@ -5,18 +5,17 @@ import pytest
 
 import os
 
-from tests.serve.conftest import TOKEN, Client, free_port, is_loopback, listening_sockets_of_descendants, wait_for
+from tests.serve.conftest import (TOKEN, Client, free_port, is_loopback, listening_sockets_of_descendants,
+                                 start_local_ray, wait_for)
 
 
 @pytest.fixture()
-def ray_serve():
+def ray_serve(monkeypatch):
     import ray
     from ray import serve
 
-    # No dashboard (its job API has no auth); only this test's local cluster.
-    from masklet.actors.backend import init_ray
-
-    init_ray(include_dashboard=False, num_cpus=2, configure_logging=False, log_to_driver=False)
+    # No dashboard (its job API has no auth); only this test's local cluster, on loopback.
+    start_local_ray(monkeypatch, include_dashboard=False, num_cpus=2, configure_logging=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

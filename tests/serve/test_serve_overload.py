@@ -11,7 +11,7 @@ import pytest
 import requests
 import yaml
 
-from tests.serve.conftest import TOKEN, Client, free_port, wait_for
+from tests.serve.conftest import TOKEN, Client, free_port, start_local_ray, wait_for
 
 
 @pytest.fixture()
@@ -21,10 +21,7 @@ def ray_serve(monkeypatch):
     import ray
     from ray import serve
 
-    from masklet.actors.backend import init_ray
-
-    monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only (init_ray's switch)
-    init_ray(address="local", include_dashboard=False, num_cpus=2, configure_logging=False, log_to_driver=False)
+    start_local_ray(monkeypatch, include_dashboard=False, num_cpus=2, configure_logging=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
