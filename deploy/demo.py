@@ -1,6 +1,7 @@
-"""`make demo`: `masklet segment` on a short clip with the official sam2.1_hiera_tiny checkpoint.
+"""`make demo`: `masklet segment` on a short clip with the official sam2.1_hiera_tiny checkpoint, then
+the same clip as a live stream through the embedded Kafka broker (deploy/demo_live.py).
 
-    .venv/bin/python -m pipeline.demo [--out DIR] [--image-size N] [--backend ray|inprocess]
+    .venv/bin/python -m masklet.deploy.demo [--out DIR] [--image-size N] [--backend ray|inprocess] [--no-live]
 
 The clip is generated here (48 frames of moving coloured shapes), so the demo needs no video
 from anywhere; set MASKLET_DEMO_INPUT=/path/to/video to segment your own file instead (the
@@ -118,13 +119,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from masklet.model.checkpoints import CheckpointDownloadError
     from masklet.deploy.cli import main as masklet_main
 
-    parser = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m masklet.deploy.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT}/)")
     parser.add_argument("--image-size", type=int, default=REAL_IMAGE_SIZE, help="model input size with real weights")
     # In-process by default: on a 2-CPU machine Ray's start-up and per-actor model copies cost more
     # than its parallelism gains for one short clip. `--backend ray` runs the CLI default.
     parser.add_argument("--backend", default="inprocess", choices=("inprocess", "ray"))
+    parser.add_argument("--no-live", action="store_true", help="skip the live path (embedded Kafka broker)")
     args = parser.parse_args(argv)
     out: Path = args.out
 
@@ -173,6 +175,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"or put it in the cache (MASKLET_CACHE_DIR) and rerun `make demo` ({INPUT_ENV}=VIDEO for your own clip).")
     if code != 0:
         print(f"masklet demo: the segment job exited with status {code}", file=sys.stderr)
+        return code
+    if args.no_live:
+        return code
+    from masklet.deploy.demo_live import run_live_demo
+
+    px, py = (int(v) for v in point.split("@")[0].split(","))
+    click = int(point.split("@")[1]) if "@" in point else 0
+    code = run_live_demo(Path(input_path), job_out, checkpoint=None if smoke else str(checkpoint_path),
+                         image_size=SMOKE_IMAGE_SIZE if smoke else args.image_size, point=(px, py),
+                         click_frame=click, smoke=smoke)
+    if smoke:
+        print(_banner(SMOKE_BANNER_LINES))
     return code
 
 
