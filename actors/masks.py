@@ -153,6 +153,11 @@ def positive_window(low: np.ndarray, out_size: tuple[int, int]) -> tuple[slice, 
     return slice(int(ys[0]), int(ys[-1]) + 1), slice(int(xs[0]), int(xs[-1]) + 1)
 
 
+# Above this share of mixed cells (the outline) in the window, a ragged mask (random weights, noise)
+# is cheaper to threshold in full at video size with torch's vectorised kernel than pixel by pixel.
+OUTLINE_LIMIT = 0.2
+
+
 def summarize_mask(low: np.ndarray, out_size: tuple[int, int]) -> MaskSummary:
     """RLE, bbox and area of `upsample(low) > 0` at `out_size` = (H, W), from the low-res logits alone."""
     height, width = int(out_size[0]), int(out_size[1])
@@ -161,11 +166,42 @@ def summarize_mask(low: np.ndarray, out_size: tuple[int, int]) -> MaskSummary:
     if window is None:
         return MaskSummary((height, width), _empty_counts(height, width), (0, 0, 0, 0), 0)
     ys, xs = window
-    if _kernel_for(low.shape, (height, width)) is _Kernel.TORCH:
-        crop_t = np.ascontiguousarray((_interpolate_torch(low, (height, width))[ys, xs] > 0).T)
-    else:
+    exact_here = _kernel_for(low.shape, (height, width)) is _Kernel.FUSED
+    if exact_here and (_outline_share(low, ys, xs, (height, width)) <= OUTLINE_LIMIT or not _has_torch()):
         crop_t = _threshold_by_cells(low, ys, xs, (height, width))
-    return _summary_from_columns(crop_t, ys.start, xs.start, height, width)
+        return _summary_from_columns(crop_t, ys.start, xs.start, height, width)
+    return _summary_full(low, (height, width))
+
+
+def _has_torch() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _outline_share(low: np.ndarray, ys: slice, xs: slice, out_size: tuple[int, int]) -> float:
+    """Share of the window's low-res cells whose corners differ in sign (their pixels are computed one by one)."""
+    ay, ax = _axis(low.shape[0], out_size[0]), _axis(low.shape[1], out_size[1])
+    r0, r1 = int(ay.i0[ys.start]), int(ay.i1[ys.stop - 1])
+    c0, c1 = int(ax.i0[xs.start]), int(ax.i1[xs.stop - 1])
+    positive = low[r0:r1 + 1, c0:c1 + 1] > 0
+    if positive.shape[0] < 2 or positive.shape[1] < 2:
+        return 0.0
+    corners = (positive[:-1, :-1], positive[1:, :-1], positive[:-1, 1:], positive[1:, 1:])
+    all_pos = corners[0] & corners[1] & corners[2] & corners[3]
+    any_pos = corners[0] | corners[1] | corners[2] | corners[3]
+    return float(np.mean(any_pos & ~all_pos))
+
+
+def _summary_full(low: np.ndarray, out_size: tuple[int, int]) -> MaskSummary:
+    """torch's own upsampling of the whole frame, pycocotools for the RLE (exact everywhere)."""
+    mask = _interpolate_torch(low, out_size) > 0
+    rle = coco_mask.encode(np.asfortranarray(mask.view(np.uint8)))
+    area = int(coco_mask.area(rle))
+    bbox = tuple(int(v) for v in coco_mask.toBbox(rle)) if area else (0, 0, 0, 0)
+    return MaskSummary(out_size, rle["counts"].decode("ascii"), bbox, area)
 
 
 def _threshold_by_cells(low: np.ndarray, ys: slice, xs: slice, out_size: tuple[int, int]) -> np.ndarray:

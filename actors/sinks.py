@@ -372,12 +372,14 @@ class SegmentOutputs:
     soft_masks: bool
     preview: bool
     banner: str | None = None
+    mask_videos: bool = True
 
     def __call__(self, info: StreamInfo) -> list:
         out = Path(self.out_dir)
         fps = info.fps or 30.0
-        sinks = [JsonlSink(out / "masklets.jsonl"),
-                 (AlphaMatteSink if self.soft_masks else MaskVideoSink)(out, fps)]
+        sinks: list = [JsonlSink(out / "masklets.jsonl")]
+        if self.mask_videos:
+            sinks.append((AlphaMatteSink if self.soft_masks else MaskVideoSink)(out, fps))
         if self.preview:
             sinks.append(PreviewSink(out / "preview.mp4", fps, banner=self.banner))
         return sinks

@@ -24,6 +24,7 @@ DEFAULT_MAX_PIXELS = 4096 * 2160
 
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".avi", ".webm", ".m4v", ".ts", ".mpg", ".mpeg")
 LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "udp", "srt")
 NETWORK_SCHEMES = ("http", "https") + LIVE_SCHEMES
 _JPEG_MAGIC = b"\xff\xd8\xff"
@@ -322,6 +323,25 @@ class ImageFolderSource(FrameSource):
 
 def _ffmpeg_reason(exc: av.error.FFmpegError) -> str:
     return (getattr(exc, "strerror", None) or str(exc)).strip().rstrip(".")
+
+
+def expand_inputs(inputs: list[str]) -> list[str]:
+    """An archive folder (video files, no images) stands for its videos, sorted; everything else
+    (files, URLs, image folders) is kept as given."""
+    out: list[str] = []
+    for text in inputs:
+        folder = Path(text)
+        try:
+            entries = sorted(folder.iterdir()) if "://" not in text and folder.is_dir() else None
+        except OSError:
+            entries = None  # open_source reports it with the reason
+        if entries is not None:
+            videos = [str(e) for e in entries if e.is_file() and e.suffix.lower() in VIDEO_SUFFIXES]
+            if videos and not any(e.suffix.lower() in IMAGE_SUFFIXES for e in entries):
+                out += videos
+                continue
+        out.append(text)
+    return out
 
 
 def open_source(

@@ -179,9 +179,9 @@ def to_result(key: ObjectKey, mask_result: Any, video_size: tuple[int, int]) -> 
 class TrackerActor:
     """Hosts objects; see the module docstring. `num_threads` caps intra-op threads (1 per actor on CPU)."""
 
-    def __init__(self, spec: ModelSpec, num_threads: int | None = 1) -> None:
+    def __init__(self, spec: ModelSpec, num_threads: int | None = 1, *, model: Any = None) -> None:
         limit_threads(num_threads)
-        self.model = spec.build(with_image_encoder=False)
+        self.model = model if model is not None else spec.build(with_image_encoder=False)
         self.device = _device_of(self.model)
         self.objects: dict[ObjectKey, HostedObject] = {}
         self.stats = Stats()
@@ -196,9 +196,11 @@ class TrackerActor:
         embeddings: dict[int, Any] = {}
         batch: list[int] = []   # indices of pending StepObject ops, distinct objects
 
+        self._prepare(ops, refs)
+
         def embedding(i: int) -> Any:
             if i not in embeddings:  # one conversion per frame, however many objects read it
-                embeddings[i] = as_embedding(refs[i], self.device)
+                embeddings[i] = self._embedding(refs[i])
             return embeddings[i]
 
         def flush() -> None:
@@ -218,6 +220,12 @@ class TrackerActor:
                 statuses[i] = OpStatus(error=one_line(exc))
         flush()
         return (tuple(statuses), *values)
+
+    def _prepare(self, ops: Sequence[TrackerOp], refs: Sequence[Any]) -> None:
+        """Hook before a call's ops run (the shard actor encodes the frames they need here)."""
+
+    def _embedding(self, value: Any) -> Any:
+        return as_embedding(value, self.device)
 
     def _apply(self, op: TrackerOp, refs: Sequence[Any], embedding: Any) -> tuple[Any, OpStatus]:
         if isinstance(op, OpenObject):

@@ -27,7 +27,8 @@ SMOKE_BANNER = "SMOKE RUN - random weights - masks are meaningless"
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("segment", help="segment objects in video files, folders or URLs",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("inputs", nargs="+", metavar="INPUT", help="video file, image folder or http(s)/rtsp URL")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="video file, image folder, folder of video files (an archive) or http(s)/rtsp URL")
     p.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (one subfolder per input)")
     p.add_argument("--point", action="append", default=[], metavar="x,y[@frame]", help="one object per flag, every input")
     p.add_argument("--box", action="append", default=[], metavar="x0,y0,x1,y1[@frame]", help="one object per flag")
@@ -36,6 +37,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-frames", type=int, metavar="N", help="stop each input after N frames")
     p.add_argument("--soft-masks", action="store_true", help="8-bit alpha mattes from the logits instead of binary masks")
     p.add_argument("--no-preview", action="store_true", help="skip preview.mp4")
+    p.add_argument("--no-mask-videos", action="store_true", help="write masklets.jsonl only (no per-object videos)")
     p.add_argument("--backend", choices=("ray", "inprocess"), help=argparse.SUPPRESS)
     p.add_argument("--config", type=Path, help="YAML config (pipeline batching, queues, snapshots)")
     p.set_defaults(func=run_segment)
@@ -68,8 +70,9 @@ def run_segment(args: argparse.Namespace) -> int:
     from masklet.pipeline.config import ConfigError, load_settings
     from masklet.pipeline.configure import engine_config, model_spec
     from masklet.deploy.prompt_specs import PromptSpecError, build_prompt_spec
-    from masklet.actors.sources import open_source
+    from masklet.actors.sources import expand_inputs, open_source
 
+    args.inputs = expand_inputs(list(args.inputs))  # an archive folder stands for its videos
     try:
         settings = load_settings(args.config, model=model_overrides(args))
         limits = settings.limits.input_limits()
@@ -101,7 +104,7 @@ def run_segment(args: argparse.Namespace) -> int:
     for text, sid, objects in zip(args.inputs, _stream_ids(args.inputs), objects_per_input):
         opener = functools.partial(open_source, text, max_pixels=ps.max_pixels, max_frames=args.max_frames)
         outputs = SegmentOutputs(str(args.out / sid), args.soft_masks, not args.no_preview,
-                                 SMOKE_BANNER if random_weights else None)
+                                 SMOKE_BANNER if random_weights else None, mask_videos=not args.no_mask_videos)
         streams.append(StreamSpec(sid, opener, objects, outputs, bidirectional=True))
     names = dict(zip(_stream_ids(args.inputs), args.inputs))
     return _run_with_progress(streams, names, model, config, args.backend or ps.backend, args.out)

@@ -163,6 +163,15 @@ class FrameDecoded:
     rgb: Any
 
 
+@dataclass(frozen=True, eq=False)
+class DeferredEmbedding:
+    """A colocated shard's embedding before it exists: the frame it will be computed from, there."""
+
+    stream_id: str
+    frame_idx: int
+    rgb: Any
+
+
 @dataclass(frozen=True)
 class Encoded:
     stream_id: str

@@ -67,9 +67,14 @@ class Engine:
 
     def run(self, streams: list[StreamSpec]) -> RunReport:
         self.executor.start()
-        for spec in streams:
-            self._open_stream(spec)
-        while any(s.state in ("opening", "running", "closing") for s in self.streams.values()):
+        ids = [spec.stream_id for spec in streams]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate stream ids {duplicates}")
+        waiting = list(streams)
+        while waiting or self._active():
+            while waiting and len(self._active()) < self.config.max_active_streams:
+                self._open_stream(waiting.pop(0))  # archives: a bounded number of inputs at once
             self._schedule()
             self.executor.submit(self._take_commands())
             flush = not any(s.reading for s in self.streams.values())

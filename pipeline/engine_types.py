@@ -23,9 +23,11 @@ class EngineConfig:
     backward_delay: int = 0           # see FileStream; the real model needs max_obj_ptrs - 1
     decode_chunk: int = 4             # frames per decoder call: fewer round trips, same order
     soft_masks: bool = False          # 8-bit alpha mattes (the publisher upsamples the logits)
+    max_active_streams: int = 8       # inputs open at once; an archive of thousands opens them in turn
 
     def __post_init__(self) -> None:
-        require_bounds(self, at_least_one=("queue_capacity", "replay_frames", "snapshot_every", "decode_chunk"),
+        require_bounds(self, at_least_one=("queue_capacity", "replay_frames", "snapshot_every", "decode_chunk",
+                                           "max_active_streams"),
                        non_negative=("backward_delay",))
         if self.snapshot_every > self.replay_frames:
             raise ValueError(f"EngineConfig.snapshot_every ({self.snapshot_every}) must not exceed replay_frames "

@@ -32,6 +32,7 @@ from masklet.actors.decoder import DecoderActor
 from masklet.actors.encoder import EncoderActor
 from masklet.actors.payloads import ModelSpec
 from masklet.actors.publisher import PublisherActor
+from masklet.actors.shard import FrameKey, ShardActor
 from masklet.actors.tracker import ObjectKey, TrackerActor
 from masklet.monitoring.stats import Stats, StatsSnapshot, merge
 from masklet.pipeline import commands as c
@@ -70,7 +71,9 @@ class Executor:
         self.batcher: DynamicBatcher = DynamicBatcher(config.max_batch_size, config.max_wait_ms)
         self.encoder: Optional[ActorHandle] = None
         self.encoder_restarts = self.tracker_restarts = 0
-        self.trackers: ActorPool[ObjectKey] = ActorPool("tracker", self._spawn_tracker, config.objects_per_tracker)
+        # A colocated shard hosts every object itself: one "tracker" actor, which is the encoder.
+        capacity = 1 << 30 if config.colocate else config.objects_per_tracker
+        self.trackers: ActorPool[ObjectKey] = ActorPool("tracker", self._spawn_tracker, capacity)
         self.decoders: ActorPool[str] = ActorPool("decoder", self._spawn_decoder, config.streams_per_decoder)
         self.publishers: ActorPool[str] = ActorPool("publisher", self._spawn_publisher, config.streams_per_publisher)
         self._pending: dict[Any, _Call] = {}
@@ -92,7 +95,14 @@ class Executor:
 
     def start(self) -> ActorHandle:
         """Start the encoder now (it loads the model: seconds), instead of on the first frame."""
-        if self.encoder is None:
+        if self.encoder is None and self.config.colocate:
+            cfg = self.config
+            self.encoder = self.backend.spawn(
+                "shard", ShardActor, self.model, self._threads(cfg.encoder_threads), cfg.shard_cache_frames,
+                cfg.max_batch_size, options=ActorOptions(num_cpus=0, num_gpus=cfg.encoder_gpus + cfg.tracker_gpus,
+                                                         env=(("OMP_WAIT_POLICY", "PASSIVE"),),
+                                                         resources=cfg.encoder_resources))
+        elif self.encoder is None:
             cfg = self.config
             self.encoder = self.backend.spawn(
                 "encoder", EncoderActor, self.model, self._threads(cfg.encoder_threads),
@@ -102,6 +112,8 @@ class Executor:
         return self.encoder
 
     def _spawn_tracker(self, name: str) -> ActorHandle:
+        if self.config.colocate:
+            return self.start()
         cfg = self.config
         self.stats.set("masklet_tracker_actors", len(self.trackers.actors) + 1)
         return self.backend.spawn(name, TrackerActor, self.model, self._threads(cfg.tracker_threads),
@@ -125,6 +137,10 @@ class Executor:
         for cmd in commands:
             if isinstance(cmd, (c.OpenObject, c.Step, c.Refine, c.BranchBackward, c.Snapshot, c.CloseObject)):
                 self._add_tracker_op(cmd, batches)
+            elif isinstance(cmd, c.Encode) and self.config.colocate:
+                # The shard encodes the frame when an op first needs it, batched with the call's others.
+                self._ready.append(c.Encoded(cmd.stream_id, cmd.frame_idx,
+                                             c.DeferredEmbedding(cmd.stream_id, cmd.frame_idx, cmd.rgb)))
             elif isinstance(cmd, c.Encode):
                 self.start()
                 now = self.clock()
@@ -214,8 +230,13 @@ class Executor:
 
         def ref(value: Any) -> int:
             if id(value) not in index:  # one argument per distinct embedding/snapshot
-                index[id(value)] = len(refs)
-                refs.append(value)
+                if isinstance(value, c.DeferredEmbedding):  # its pixels travel as their own argument
+                    key = FrameKey(value.stream_id, value.frame_idx, ref(value.rgb))
+                    index[id(value)] = len(refs)
+                    refs.append(key)
+                else:
+                    index[id(value)] = len(refs)
+                    refs.append(value)
             return index[id(value)]
 
         ops = []
@@ -311,8 +332,9 @@ class Executor:
     # -- stats and shutdown ---------------------------------------------------------------------
 
     def all_actors(self) -> list[ActorHandle]:
-        return ([] if self.encoder is None else [self.encoder]) + self.trackers.actors + self.decoders.actors \
+        actors = ([] if self.encoder is None else [self.encoder]) + self.trackers.actors + self.decoders.actors \
             + self.publishers.actors
+        return list({id(a): a for a in actors}.values())  # a colocated shard is encoder and tracker
 
     def stats_snapshot(self) -> StatsSnapshot:
         snaps = [self.stats.snapshot(), *self._retired]
@@ -330,7 +352,8 @@ class Executor:
         out: dict[str, Any] = {"encoder_batch_sizes": {}, "tracker_batch_sizes": {}, "actors": {}}
         if self.encoder is not None:
             try:
-                out["encoder_batch_sizes"] = dict(self.backend.get(self.backend.call(self.encoder, "report"))["batch_sizes"])
+                rep = self.backend.get(self.backend.call(self.encoder, "report"))
+                out["encoder_batch_sizes"] = dict(rep["encoder_batch_sizes" if self.config.colocate else "batch_sizes"])
             except (ActorDiedError, ActorCallError):
                 pass
         for pool in (self.trackers, self.decoders, self.publishers):

@@ -39,9 +39,14 @@ class ExecutorConfig:
     tracker_resources: tuple[tuple[str, float], ...] = ()
     io_resources: tuple[tuple[str, float], ...] = ()   # decoders and publishers
     max_pixels: int = DEFAULT_MAX_PIXELS
+    # Encoder and trackers in one process (actors.shard): embeddings never leave the device. The
+    # default for CUDA (configure.py); on CPU it trades the encoder's own cores for fewer copies.
+    colocate: bool = False
+    shard_cache_frames: int = 64       # embeddings a shard keeps (re-encoded from pixels if needed again)
 
     def __post_init__(self) -> None:
         require_bounds(self, at_least_one=("max_batch_size", "encoder_queue_depth", "objects_per_tracker",
-                                           "streams_per_decoder", "streams_per_publisher", "max_pixels"),
+                                           "streams_per_decoder", "streams_per_publisher", "max_pixels",
+                                           "shard_cache_frames"),
                        non_negative=("max_wait_ms", "encoder_gpus", "tracker_gpus", "max_encoder_restarts",
                                      "max_tracker_restarts"))

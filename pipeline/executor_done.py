@@ -153,7 +153,11 @@ def _lose_tracker(ex: "Executor", call: "_Call", message: str, out: list) -> Non
     if actor not in ex.trackers.actors:
         return  # already handled: every in-flight call of a dead actor fails
     lost = ex.trackers.remove_actor(actor)
-    ex.backend.kill(actor)
+    if ex.config.colocate and actor is ex.encoder:
+        ex.backend.restart(actor)  # the shard is the encoder too: a fresh one serves the reopened objects
+        ex.encoder_restarts += 1
+    else:
+        ex.backend.kill(actor)
     ex.tracker_restarts += 1
     ex.stats.set("masklet_tracker_actors", len(ex.trackers.actors))
     for f in [f for f, p in ex._pending.items() if p.kind == "run" and p.actor is actor]:

@@ -258,3 +258,23 @@ def test_tracker_process_hosting_two_streams_sigkilled(ray_session, tmp_path):
         assert report.streams[s].ok and reference.streams[s].ok
         assert_masks_match(records_masks(tmp_path / "ray" / s / "masklets.jsonl"),
                            records_masks(tmp_path / "ref" / s / "masklets.jsonl"))
+
+
+def test_colocated_shard_on_ray_equals_the_in_process_run(ray_session, tmp_path):
+    """The shard layout (encoder + trackers in one actor process) on real Ray processes."""
+    config = engine_cfg(max_batch_size=4, max_wait_ms=1, snapshot_every=3, replay_frames=6, colocate=True)
+    objects = {1: {0: Prompt(points=[[20, 20]], labels=[1])}}
+
+    def specs(sub):
+        return [StreamSpec(f"c{s}", fake_opener(num_frames=10, seed=s), objects,
+                           SegmentOutputs(str(tmp_path / sub / f"c{s}"), False, False)) for s in range(2)]
+
+    engine = Engine(RayBackend(), FAKE, config)
+    report = engine.run(specs("ray"))
+    engine.shutdown()
+    reference = Engine(InProcessBackend(), FAKE, engine_cfg(max_batch_size=4, max_wait_ms=0)).run(specs("ref"))
+    assert set(report.actors) >= {"shard"} and not any(n.startswith("encoder") for n in report.actors)
+    for s in ("c0", "c1"):
+        assert report.streams[s].ok and reference.streams[s].ok
+        assert_masks_match(records_masks(tmp_path / "ray" / s / "masklets.jsonl"),
+                           records_masks(tmp_path / "ref" / s / "masklets.jsonl"))
