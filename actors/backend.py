@@ -234,7 +234,9 @@ def init_ray(**kwargs: Any) -> None:
     """
     import ray
 
-    if kwargs.get("address") is None and not os.environ.get("RAY_ADDRESS"):
+    starts_own = kwargs.get("address") in (None, "local") and (kwargs.get("address") == "local"
+                                                                or not os.environ.get("RAY_ADDRESS"))
+    if starts_own:  # "local": a new session even when RAY_ADDRESS or a `ray start` cluster exists
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         try:  # the constant is read when ray is imported; ray may already be imported here
             from ray._private import ray_constants

@@ -51,9 +51,19 @@ class ModelSpec:
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
-    def build(self, with_image_encoder: bool = True) -> Any:
+    def factory_function(self) -> Any:
+        """The factory itself; ValueError (one line) when it cannot be imported."""
         module_name, func_name = self.factory.split(":", 1)
-        build = getattr(importlib.import_module(module_name), func_name)
+        try:
+            build = getattr(importlib.import_module(module_name), func_name)
+        except (ImportError, AttributeError) as exc:
+            raise ValueError(f"cannot load model factory {self.factory}: {exc}") from None
+        if not callable(build):
+            raise ValueError(f"model factory {self.factory} is not callable")
+        return build
+
+    def build(self, with_image_encoder: bool = True) -> Any:
+        build = self.factory_function()
         import torch
 
         torch.manual_seed(self.seed)

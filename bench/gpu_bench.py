@@ -1,26 +1,28 @@
-"""Aggregate throughput on a GPU: N concurrent inputs through the pipeline vs N sequential official runs.
+"""Throughput on a GPU: N streams x M objects through the pipeline vs the official predictor run
+one video at a time, for each model, in bf16 (as the official predictor runs on GPUs).
 
-    .venv/bin/python bench/gpu_bench.py [--inputs 8] [--frames 60] [--image-size 1024] [--device auto]
-    .venv/bin/python bench/gpu_bench.py --device cpu --inputs 2 --frames 4 --image-size 256   # smoke run
+    .venv/bin/python bench/gpu_bench.py                      # the issue's settings (needs a GPU)
+    .venv/bin/python bench/gpu_bench.py --device cpu --inputs 2 --objects 2 --frames 4 --image-size 256 \
+        --models sam2.1_hiera_tiny --precision fp32         # smoke run on the CPU
 
-The issue's comparison: "On a GPU, run 8 concurrent inputs at 1024 px through the pipeline and report
-aggregate frames/s against 8 sequential official-predictor runs." Inputs are the shared clips
-(../shared/videos, or $MASKLET_TEST_VIDEOS), cycled to N and cut to --frames frames each; one object per
-input, a positive click at the frame centre on frame 0. Both sides use the same random weights (seed 0):
-the official SAM2VideoPredictor (PyPI sam2) is built first and its state dict is the pipeline's checkpoint.
+Issue settings: sam2.1_hiera_tiny and sam2.1_hiera_large at 1024 px, bf16, 8 streams x 4 objects,
+60 frames each (the shared clips, cycled). Both sides use the same random weights (seed 0): the
+official SAM2VideoPredictor (PyPI sam2, the test oracle) is built first and its state dict is the
+pipeline's checkpoint. Objects: 4 positive clicks on a grid, all on frame 0.
 
-- official: per input, in turn, init_state on a folder of that input's frames as JPEGs (written
-  untimed; init_state is timed, it is the predictor's own decode + resize), the click, propagate_in_video
-  to the end, masks copied to the host as its video notebook does. One untimed 2-frame warm-up first.
-- pipeline: one Engine run over all N inputs at once through Ray (masklets.jsonl sink only), timed from
-  after the encoder has loaded its model; video decoding and tracker start-up are inside the clock.
-Aggregate frames/s = all frames / all seconds on each side. Prints the machine, both rates, their ratio
-and the encoder batch sizes run. Writes <out>/gpu_bench.json for the issue's settings on CUDA; any other
-run gets its own name (gpu_bench_cpu_smoke.json on the CPU), so a smoke run never overwrites a GPU result.
+- official: per input, in turn: init_state on that input's frames as JPEGs (written untimed),
+  the 4 clicks, propagate_in_video to the end under bf16 autocast, masks copied to the host.
+- pipeline: one Engine run over all inputs at once (Ray; on CUDA the encoder and the trackers share
+  one process, embeddings stay on the device), masklets.jsonl sink, timed after the model loaded.
+Reports frames/s, object-frames/s and achieved TFLOP/s (FLOPs of one encoder pass and one tracker
+step counted once with torch's FlopCounterMode, times the frames and object-steps done) for both
+sides and their ratio. Writes <out>/gpu_bench.json for the issue's settings on CUDA; other runs get
+their own name (gpu_bench_cpu_smoke.json on the CPU), so a smoke run never overwrites a GPU result.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -32,6 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "model"), str(ROOT / "bench")]
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
@@ -40,13 +43,17 @@ from masklet.model.config import get_config  # noqa: E402
 from masklet.model.types import Prompt  # noqa: E402
 from oracle import build_official_video_predictor  # noqa: E402
 from masklet.actors.backend import RayBackend  # noqa: E402
+from masklet.pipeline.config import load_settings  # noqa: E402
+from masklet.pipeline.configure import engine_config  # noqa: E402
 from masklet.pipeline.engine import Engine, EngineConfig, StreamSpec  # noqa: E402
 from masklet.actors.sinks import JsonlOutputs  # noqa: E402
 from masklet.actors.sources import open_source  # noqa: E402
-from pipeline_bench import machine as base_machine  # noqa: E402
+from bench_common import machine as base_machine  # noqa: E402
 
-GPU_SETTINGS = {"inputs": 8, "frames": 60, "image_size": 1024, "model": "sam2.1_hiera_tiny"}
-SMOKE_HINT = "--device cpu --inputs 2 --frames 4 --image-size 256"
+GPU_SETTINGS = {"inputs": 8, "objects": 4, "frames": 60, "image_size": 1024,
+                "models": "sam2.1_hiera_tiny,sam2.1_hiera_large", "precision": "bf16"}
+SMOKE_HINT = ("--device cpu --inputs 2 --objects 2 --frames 4 --image-size 256 --models sam2.1_hiera_tiny "
+              "--precision fp32")
 
 
 
@@ -92,28 +99,60 @@ def write_jpegs(clip: Path, frames: int, folder: Path) -> tuple[int, int, int]:
     return count, width, height
 
 
-def run_official(predictor, jpeg_dir: Path, centre: tuple[float, float]) -> tuple[int, float]:
+def grid(n: int, width: int, height: int) -> list[tuple[float, float]]:
+    cols = int(np.ceil(np.sqrt(n)))
+    return [((i % cols + 0.5) * width / cols, (i // cols + 0.5) * height / cols) for i in range(n)]
+
+
+def autocast(device: str, precision: str):
+    if precision == "bf16":
+        return torch.autocast(device_type=device, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def run_official(predictor, jpeg_dir: Path, points, device: str, precision: str) -> tuple[int, float]:
     start = time.perf_counter()
-    state = predictor.init_state(str(jpeg_dir))
-    predictor.add_new_points_or_box(state, frame_idx=0, obj_id=1, points=[list(centre)], labels=[1])
-    count = 0
-    for _, _, logits in predictor.propagate_in_video(state):
-        (logits[0] > 0).cpu().numpy()  # what a user does with each mask; also syncs CUDA
-        count += 1
+    with torch.inference_mode(), autocast(device, precision):
+        state = predictor.init_state(str(jpeg_dir))
+        for obj_id, point in enumerate(points, 1):
+            predictor.add_new_points_or_box(state, frame_idx=0, obj_id=obj_id, points=[list(point)], labels=[1])
+        count = 0
+        for _, _, logits in predictor.propagate_in_video(state):
+            (logits > 0).cpu().numpy()  # what a user does with each frame's masks; also syncs CUDA
+            count += 1
     elapsed = time.perf_counter() - start
     predictor.reset_state(state)
     return count, elapsed
 
 
-def run_pipeline(spec: ModelSpec, config: EngineConfig, inputs, out: Path) -> dict:
+def flops_per_frame_and_step(spec: ModelSpec, device: str) -> tuple[float, float]:
+    """FLOPs of one encoder pass on one frame and of one tracking step, counted by torch."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = spec.build()
+    frame = np.zeros((720, 1280, 3), np.uint8)
+    with torch.inference_mode(), autocast(device, spec.precision):
+        with FlopCounterMode(display=False) as encode_counter:
+            emb = model.encode(frame[None])[0]
+        tracker = model.new_tracker((720, 1280))
+        tracker.step(0, emb, Prompt(points=[[640, 360]], labels=[1]))
+        for j in range(1, 8):  # past the memory window, so the counted step attends to a full bank
+            tracker.step(j, emb)
+        with FlopCounterMode(display=False) as step_counter:
+            tracker.step(8, emb)
+    return float(encode_counter.get_total_flops()), float(step_counter.get_total_flops())
+
+
+def run_pipeline(spec: ModelSpec, config: EngineConfig, inputs, points, out: Path) -> dict:
     backend = RayBackend(init_kwargs={"num_cpus": os.cpu_count()})
     try:
         engine = Engine(backend, spec, config)
         engine.start_encoder()
-        backend.get(backend.call(engine.encoder, "pid"))  # model loaded before the clock starts
-        specs = [StreamSpec(sid, functools.partial(open_source, str(clip), max_frames=n),
-                            {1: {0: Prompt(points=[list(centre)], labels=[1])}}, JsonlOutputs(str(out)))
-                 for sid, clip, n, centre, _ in inputs]
+        backend.get(backend.call(engine.executor.encoder, "pid"))  # model loaded before the clock starts
+        objects = {i + 1: {0: Prompt(points=[list(p)], labels=[1])} for i, p in enumerate(points)}
+        specs = [StreamSpec(sid, functools.partial(open_source, str(clip), max_frames=n), objects,
+                            JsonlOutputs(str(out)), bidirectional=False)
+                 for sid, clip, n, _ in inputs]
         start = time.perf_counter()
         report = engine.run(specs)
         wall = time.perf_counter() - start
@@ -123,76 +162,86 @@ def run_pipeline(spec: ModelSpec, config: EngineConfig, inputs, out: Path) -> di
     frames = sum(o.frames_published for o in report.streams.values())
     return {"frames": frames, "wall_s": wall, "fps": frames / wall,
             "failed": {sid: o.error for sid, o in report.streams.items() if not o.ok},
-            "batch_sizes": {str(k): v for k, v in sorted(report.batch_sizes.items())}}
+            "batch_sizes": {str(k): v for k, v in sorted(report.batch_sizes.items())},
+            "tracker_batch_sizes": {str(k): v for k, v in sorted(report.tracker_batch_sizes.items())}}
 
 
-def bench(args: argparse.Namespace, device: str, clips: list[Path], scratch: Path) -> dict:
+def bench(args: argparse.Namespace, model: str, device: str, clips: list[Path], scratch: Path) -> dict:
     # Untimed set-up: the shared weights, and each distinct clip's frames as JPEGs for the official side.
-    official = build_official_video_predictor(args.model, args.image_size, seed=0, device=device)
-    checkpoint = scratch / "weights.pt"
+    official = build_official_video_predictor(model, args.image_size, seed=0, device=device)
+    checkpoint = scratch / f"{model}.pt"
     torch.save({"model": {k: v.detach().cpu() for k, v in official.state_dict().items()}}, checkpoint)
     jpegs = {}
     for clip in clips[:args.inputs]:
-        jpegs[clip] = (scratch / "jpg" / clip.stem, *write_jpegs(clip, args.frames, scratch / "jpg" / clip.stem))
-    inputs = []  # (stream id, clip, frames, centre click, jpeg folder)
+        folder = scratch / "jpg" / clip.stem
+        jpegs[clip] = (folder, *(write_jpegs(clip, args.frames, folder) if not folder.exists() else
+                                 (len(list(folder.glob("*.jpg"))), 1280, 720)))
+    inputs = []  # (stream id, clip, frames, jpeg folder)
     for i in range(args.inputs):
         clip = clips[i % len(clips)]
         folder, count, width, height = jpegs[clip]
-        inputs.append((f"{i:02d}_{clip.stem}", clip, count, (width / 2, height / 2), folder))
+        inputs.append((f"{i:02d}_{clip.stem}", clip, count, folder))
+    points = grid(args.objects, width, height)
 
-    warm = scratch / "jpg" / "warmup"
+    warm = scratch / "jpg" / f"warmup-{model}"
     warm.mkdir()
-    for path in sorted(inputs[0][4].glob("*.jpg"))[:2]:
+    for path in sorted(inputs[0][3].glob("*.jpg"))[:2]:
         (warm / path.name).symlink_to(path)
-    run_official(official, warm, inputs[0][3])  # one-time CUDA/allocator set-up kept out of the clock
-    runs = [run_official(official, folder, centre) for _, _, _, centre, folder in inputs]
+    run_official(official, warm, points, device, args.precision)  # CUDA/allocator set-up out of the clock
+    runs = [run_official(official, folder, points, device, args.precision) for *_, folder in inputs]
     official_frames, official_s = sum(n for n, _ in runs), sum(t for _, t in runs)
-    official_result = {"frames": official_frames, "wall_s": official_s, "fps": official_frames / official_s,
-                       "seconds_per_input": [t for _, t in runs]}
-    print(f"official, {args.inputs} sequential runs: {official_frames} frames in {official_s:.1f}s "
-          f"= {official_result['fps']:.2f} frames/s")
     del official, runs
     if device == "cuda":
         torch.cuda.empty_cache()  # the pipeline's actors share this GPU
 
-    gpu = device == "cuda"
-    spec = ModelSpec(args.model, str(checkpoint), args.image_size, device, seed=0)
-    delay = get_config(args.model, image_size=args.image_size).max_obj_ptrs_in_encoder - 1
-    config = EngineConfig(max_batch_size=8 if gpu else 4, max_wait_ms=10, backward_delay=delay,
-                          encoder_gpus=0.5 if gpu else 0.0, tracker_gpus=0.01 if gpu else 0.0)
-    pipe = run_pipeline(spec, config, inputs, scratch / "out")
+    spec = ModelSpec(model, str(checkpoint), args.image_size, device, seed=0, precision=args.precision)
+    encode_flops, step_flops = flops_per_frame_and_step(spec, device)
+    settings = load_settings(model={"name": model, "checkpoint": str(checkpoint), "image_size": args.image_size,
+                                    "device": device, "precision": args.precision})
+    config = engine_config(settings, spec, max_batch_size=8 if device == "cuda" else 4)
+    pipe = run_pipeline(spec, config, inputs, points, scratch / f"out-{model}")
+
+    def rates(frames: int, seconds: float) -> dict:
+        object_frames = frames * args.objects
+        return {"frames": frames, "wall_s": round(seconds, 2), "fps": round(frames / seconds, 2),
+                "object_frames_per_s": round(object_frames / seconds, 2),
+                "tflops": round((frames * encode_flops + object_frames * step_flops) / seconds / 1e12, 3)}
+
+    official_result = rates(official_frames, official_s)
+    pipe.update(rates(pipe["frames"], pipe["wall_s"]))
     ratio = pipe["fps"] / official_result["fps"]
-    print(f"pipeline, {args.inputs} concurrent inputs: {pipe['frames']} frames in {pipe['wall_s']:.1f}s "
-          f"= {pipe['fps']:.2f} frames/s")
-    print(f"ratio (pipeline / official): {ratio:.2f}x")
-    print(f"encoder batch sizes (size: count): {pipe['batch_sizes']}")
+    print(f"{model} {args.precision}: official (one video at a time) {official_result['fps']} frames/s, "
+          f"{official_result['object_frames_per_s']} object-frames/s, {official_result['tflops']} TFLOP/s; "
+          f"pipeline {pipe['fps']} frames/s, {pipe['object_frames_per_s']} object-frames/s, {pipe['tflops']} "
+          f"TFLOP/s -> {ratio:.2f}x; encoder batches {pipe['batch_sizes']}, tracker batches "
+          f"{pipe['tracker_batch_sizes']}")
     if pipe["failed"]:
         print(f"FAILED streams: {pipe['failed']}")
-
-    return {"inputs": [sid for sid, *_ in inputs],
-            "engine_config": {"max_batch_size": config.max_batch_size, "max_wait_ms": config.max_wait_ms,
-                              "encoder_gpus": config.encoder_gpus, "tracker_gpus": config.tracker_gpus},
-            "official": official_result, "pipeline": pipe, "ratio_pipeline_over_official": ratio,
-            "notes": "same random weights (seed 0) on both sides, float32; one object per input, centre click "
-                     "on frame 0; official: init_state (JPEG decode + resize) + click + propagation per input, "
-                     "run one after another; pipeline: all inputs concurrently, mp4 decode included"}
+    return {"inputs": [sid for sid, *_ in inputs], "objects_per_input": args.objects,
+            "flops": {"encoder_per_frame": encode_flops, "tracker_per_object_step": step_flops},
+            "executor_config": {k: getattr(config.executor, k) for k in ("max_batch_size", "max_wait_ms", "colocate",
+                                                                         "encoder_gpus", "tracker_gpus")},
+            "official": official_result, "pipeline": pipe, "ratio_pipeline_over_official": round(ratio, 3)}
 
 
 def parse_args() -> tuple[argparse.Namespace, bool]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--inputs", type=int, help=f"concurrent inputs (default {GPU_SETTINGS['inputs']})")
+    parser.add_argument("--objects", type=int, help=f"objects per input (default {GPU_SETTINGS['objects']})")
+    parser.add_argument("--models", help=f"comma-separated (default {GPU_SETTINGS['models']})")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), help="default bf16")
     parser.add_argument("--frames", type=int, help=f"frames per input (default {GPU_SETTINGS['frames']})")
     parser.add_argument("--image-size", type=int, help=f"model input size (default {GPU_SETTINGS['image_size']})")
-    parser.add_argument("--model", default=GPU_SETTINGS["model"])
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     args = parser.parse_args()
-    left_defaults = args.inputs is None and args.frames is None and args.image_size is None
-    for key in ("inputs", "frames", "image_size"):
+    keys = ("inputs", "objects", "frames", "image_size", "models", "precision")
+    left_defaults = all(getattr(args, key) is None for key in keys)
+    for key in keys:
         if getattr(args, key) is None:
             setattr(args, key, GPU_SETTINGS[key])
-    if min(args.inputs, args.frames) < 1 or args.image_size % 16:
-        parser.error("--inputs and --frames must be >= 1 and --image-size a multiple of 16")
+    if min(args.inputs, args.frames, args.objects) < 1 or args.image_size % 16:
+        parser.error("--inputs, --objects and --frames must be >= 1 and --image-size a multiple of 16")
     return args, left_defaults
 
 
@@ -202,27 +251,27 @@ def main() -> None:
     if device == "cuda" and not torch.cuda.is_available():
         sys.exit("--device cuda requested but torch sees no CUDA GPU")
     if device == "cpu" and left_defaults:
-        print(f"this benchmark is meant for a GPU (8 inputs x 60 frames at 1024 px would take about an hour on a "
-              f"CPU); for a smoke run on the CPU try: {SMOKE_HINT}")
+        print(f"this benchmark is meant for a GPU (8 inputs x 4 objects x 60 frames at 1024 px would take hours on "
+              f"a CPU); for a smoke run on the CPU try: {SMOKE_HINT}")
         sys.exit(2)
-    settings = {"inputs": args.inputs, "frames": args.frames, "image_size": args.image_size, "model": args.model}
+    settings = {key: getattr(args, key) for key in GPU_SETTINGS}
     if device == "cuda":
         name = "gpu_bench" if settings == GPU_SETTINGS else \
-            f"gpu_bench_cuda_{args.inputs}x{args.frames}_{args.image_size}px_{args.model}"
+            f"gpu_bench_cuda_{args.inputs}x{args.objects}x{args.frames}_{args.image_size}px_{args.precision}"
     else:
         name = "gpu_bench_cpu_smoke"
     clips = find_clips()
     info = machine(device)
     print(f"machine: {info}")
     with tempfile.TemporaryDirectory(prefix="masklet-gpu-bench-") as tmp:
-        result = bench(args, device, clips, Path(tmp))
+        per_model = {model: bench(args, model, device, clips, Path(tmp)) for model in args.models.split(",")}
     result = {"benchmark": "gpu_bench", "machine": info, "settings": {**settings, "device": device},
-              "smoke": device == "cpu", **result}
+              "smoke": device == "cpu", "models": per_model}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{name}.json"
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
-    if result["pipeline"]["failed"] or result["pipeline"]["frames"] != result["official"]["frames"]:
+    if any(r["pipeline"]["failed"] or r["pipeline"]["frames"] != r["official"]["frames"] for r in per_model.values()):
         sys.exit(1)
 
 

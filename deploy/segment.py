@@ -94,7 +94,7 @@ def run_segment(args: argparse.Namespace) -> int:
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     try:
         model = model_spec(settings)
-    except CheckpointError as exc:
+    except (CheckpointError, ValueError) as exc:
         print(f"masklet segment: error: {exc}", file=sys.stderr)
         return 1
     ps = settings.pipeline

@@ -11,10 +11,14 @@ import re
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, SecretStr, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
 from masklet.actors.prompt_limits import InputLimits
+from masklet.actors.messages import MessageError
+from masklet.actors.safe_yaml import load_yaml
 from masklet.actors.sources import DEFAULT_MAX_PIXELS
+
+CONFIG_MAX_DEPTH = 32  # sections hold mappings of scalars; anything deeper is a mistake or an attack
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 KNOWN_MODEL_NAMES = tuple(
@@ -38,6 +42,9 @@ DEFAULT_MODEL_FACTORY = "masklet.model:build_model"
 
 
 class ModelSettings(_Section):
+    # The plug-in seam: "module:function" building a model that follows masklet.model.protocols.
+    # (Declared first: `name` is checked against it.)
+    factory: str = Field(DEFAULT_MODEL_FACTORY, description="module:function(name, checkpoint, image_size, device, **kw)")
     name: str = "sam2.1_hiera_tiny"
     checkpoint: str = Field("auto", description='"auto" (download official weights), "random", or a file path')
     image_size: int = Field(1024, ge=64, le=4096)
@@ -45,8 +52,6 @@ class ModelSettings(_Section):
     # fp32: exact (bit-identical to the official predictor on CPU); bf16: autocast, as the official
     # predictor runs on GPUs (faster, with a measured drift; see bench/results/precision_bench.json).
     precision: Literal["fp32", "bf16"] = "fp32"
-    # The plug-in seam: "module:function" building a model that follows masklet.model.protocols.
-    factory: str = Field(DEFAULT_MODEL_FACTORY, description="module:function(name, checkpoint, image_size, device, **kw)")
 
     @field_validator("factory")
     @classmethod
@@ -55,12 +60,13 @@ class ModelSettings(_Section):
             raise ValueError(f"model factory must be 'module:function', got {factory!r}")
         return factory
 
-    @model_validator(mode="after")
-    def _known_model(self) -> "ModelSettings":
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str, info: ValidationInfo) -> str:
         # Our factory knows the eight official variants; a plug-in factory names its own models.
-        if self.factory == DEFAULT_MODEL_FACTORY and self.name not in KNOWN_MODEL_NAMES:
-            raise ValueError(f"unknown model {self.name!r}; choose one of {', '.join(KNOWN_MODEL_NAMES)}")
-        return self
+        if info.data.get("factory", DEFAULT_MODEL_FACTORY) == DEFAULT_MODEL_FACTORY and name not in KNOWN_MODEL_NAMES:
+            raise ValueError(f"unknown model {name!r}; choose one of {', '.join(KNOWN_MODEL_NAMES)}")
+        return name
 
     @field_validator("checkpoint")
     @classmethod
@@ -104,6 +110,8 @@ class PipelineSettings(_Section):
     objects_per_tracker: int = Field(16, ge=1, le=10_000)
     streams_per_decoder: int = Field(4, ge=1, le=1_000)
     streams_per_publisher: int = Field(4, ge=1, le=1_000)
+    # Encoder and trackers in one process, embeddings kept on the device: auto = on for CUDA.
+    colocate: Literal["auto", "on", "off"] = "auto"
 
     @model_validator(mode="after")
     def _replay_covers_snapshots(self) -> "PipelineSettings":
@@ -318,12 +326,10 @@ class _YamlFileSource(PydanticBaseSettingsSource):
             text = path.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"{path}: cannot read config file: {exc.strerror or exc}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            where = getattr(exc, "problem_mark", None)
-            line = f" at line {where.line + 1}" if where is not None else ""
-            raise ConfigError(f"{path}: invalid YAML{line}: {getattr(exc, 'problem', exc)}") from None
+        try:  # depth-limited, aliases refused: a config file is input too (one line, never a traceback)
+            data = load_yaml(text, CONFIG_MAX_DEPTH, what=str(path))
+        except MessageError as exc:
+            raise ConfigError(str(exc)) from None
         if data is None:
             return {}
         if not isinstance(data, dict):

@@ -29,7 +29,8 @@ def model_spec(settings: MaskletSettings) -> ModelSpec:
     """The model every actor builds. Our factory's "auto" checkpoint is downloaded (once, cached)
     here, in the driver, so actors never race to download; plug-in factories get the string as is.
 
-    Raises model.checkpoints.CheckpointError (one line) when weights cannot be had.
+    Raises model.checkpoints.CheckpointError (one line) when weights cannot be had, ValueError (one
+    line) when the factory cannot be imported: both before any actor starts.
     """
     m = settings.model
     checkpoint: Optional[str] = None if m.checkpoint == "random" else m.checkpoint
@@ -38,8 +39,10 @@ def model_spec(settings: MaskletSettings) -> ModelSpec:
 
         resolved = resolve_checkpoint(m.name, checkpoint)
         checkpoint = None if resolved is None else str(resolved)
-    return ModelSpec(m.name, checkpoint, m.image_size, resolve_device(m.device), factory=m.factory,
+    spec = ModelSpec(m.name, checkpoint, m.image_size, resolve_device(m.device), factory=m.factory,
                      precision=m.precision)
+    spec.factory_function()
+    return spec
 
 
 def executor_config(settings: MaskletSettings, model: ModelSpec, **overrides: Any) -> ExecutorConfig:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -87,3 +87,41 @@ class PromptRejected(ValueError):
 
 
 Token = Any
+
+
+@runtime_checkable
+class LiveSessionAPI(Protocol):
+    """What callers (masklet run, the control API, feeders) use of a live session; `LiveSession`
+    implements it, and test doubles are checked against it (tests/pipeline/test_protocols.py)."""
+
+    config: LiveConfig
+    on_output: Optional[Callable[[LiveOutput], None]]
+
+    def open_stream(self, stream_id: str, width: int, height: int, fps: float | None = None, *,
+                    source_type: str = "live", published_until: Optional[int] = None,
+                    revision_floor: int = 0) -> None: ...
+
+    def close_stream(self, stream_id: str, timeout: float = 60.0) -> None: ...
+
+    def streams(self) -> list[str]: ...
+
+    def submit_frame(self, stream_id: str, frame_idx: int, pts: float, image: Any, token: Any = None, *,
+                     lost_before: int = 0) -> None: ...
+
+    def queue_room(self, stream_id: str) -> int: ...
+
+    def submit_prompt(self, msg: Any) -> None: ...
+
+    def status(self, stream_id: str) -> StreamStatus: ...
+
+    def latest(self, stream_id: str) -> Optional[LiveOutput]: ...
+
+    def stats_snapshot(self) -> Any: ...
+
+    def poll(self, timeout: float = 0.0) -> list[LiveOutput]: ...
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def shutdown(self) -> None: ...

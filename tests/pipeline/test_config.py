@@ -110,3 +110,10 @@ def test_kafka_client_kwargs_carry_security():
 
 def test_random_checkpoint_maps_to_none():
     assert MaskletSettings(model={"checkpoint": "random"}).model.checkpoint_for_model_api() is None
+
+
+def test_a_deeply_nested_config_file_is_one_line_not_a_traceback(tmp_path):
+    path = tmp_path / "deep.yaml"
+    path.write_text("pipeline: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="nesting depth"):
+        load_settings(path)

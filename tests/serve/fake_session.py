@@ -1,4 +1,5 @@
-"""A LiveSession stand-in for fast API tests: same methods, no model.
+"""A LiveSession stand-in for fast API tests: same methods (checked against the LiveSessionAPI
+protocol in tests/pipeline/test_protocols.py), no model.
 
 An object's mask is a disc of radius 12 around its points (or its box), on every later frame, so
 tests can see exactly where the overlay must be coloured.
@@ -11,7 +12,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from masklet.monitoring.stats import Stats
-from masklet.pipeline.live import LiveOutput, PromptRejected, StreamStatus
+from masklet.pipeline.live import LiveConfig, LiveOutput, PromptRejected, StreamStatus
 from masklet.actors.messages import MaskletRecord, ObjectMask, PromptMessage
 from masklet.actors.rle import encode_mask, mask_bbox
 
@@ -21,6 +22,7 @@ DISC_RADIUS = 12
 class FakeLiveSession:
     def __init__(self, max_streams: int = 16, on_output: Optional[Callable[[LiveOutput], None]] = None) -> None:
         self.max_streams = max_streams
+        self.config = LiveConfig(max_streams=max_streams)
         self.on_output = on_output
         self.stats = Stats()
         self.prompts: list[PromptMessage] = []
@@ -29,7 +31,8 @@ class FakeLiveSession:
         self._lock = threading.Lock()
 
     def open_stream(self, stream_id: str, width: int, height: int, fps: Optional[float] = None, *,
-                    source_type: str = "live") -> None:
+                    source_type: str = "live", published_until: Optional[int] = None,
+                    revision_floor: int = 0) -> None:
         with self._lock:
             if stream_id in self._streams:
                 raise ValueError(f"stream {stream_id!r} is already open")
@@ -45,7 +48,12 @@ class FakeLiveSession:
     def streams(self) -> list[str]:
         return list(self._streams)
 
-    def submit_frame(self, stream_id: str, frame_idx: int, pts: float, rgb: np.ndarray, token: Any = None) -> None:
+    def queue_room(self, stream_id: str) -> int:
+        return self.config.queue_capacity  # frames are handled at once: the queue is always empty
+
+    def submit_frame(self, stream_id: str, frame_idx: int, pts: float, image: Any, token: Any = None, *,
+                     lost_before: int = 0) -> None:
+        rgb = image
         with self._lock:
             s = self._streams[stream_id]
             s["in"] += 1
