@@ -5,7 +5,10 @@ only ever reads:
   * conditioning frames (prompted frames),
   * the spatial memories of the previous `num_maskmem - 1` frames,
   * the object pointers of the previous `max_obj_ptrs_in_encoder - 1` frames,
-so that is all this bank keeps. Its size is constant on an endless stream.
+where "previous" counts from the frame being processed. After frame k is stepped, two frames can be
+processed next: k + 1 (reads k-5 ... k) and a correction of k itself (`refine`, reads k-6 ... k-1,
+as the official predictor does for a click on an already tracked frame). So the bank keeps one spatial
+memory and one pointer more than a step reads. Its size is constant on an endless stream.
 """
 from __future__ import annotations
 
@@ -45,9 +48,13 @@ class MemoryEntry:
 class MemoryBank:
     """Bounded memory of one tracked object.
 
+    num_spatial / num_pointers: how many previous frames' spatial memories / object pointers one step
+    reads (num_maskmem - 1 and max_obj_ptrs_in_encoder - 1).
     conditioning:  frame_idx -> entry, at most `max_conditioning` (the first and newest always kept).
-    recent:        the newest non-conditioning frames in stepping order; the last `num_spatial` keep their
-                   spatial memory, older ones down to `num_pointers` keep only their object pointer.
+    recent:        the newest non-conditioning frames in stepping order, at most `kept_pointers`
+                   (= num_pointers + 1); the newest `kept_spatial` (= num_spatial + 1) keep their spatial
+                   memory, older ones only their object pointer. The one extra of each serves `refine`
+                   of the newest frame, which reads one frame further back than the next step does.
     """
 
     def __init__(self, num_spatial: int, num_pointers: int, max_conditioning: int) -> None:
@@ -55,6 +62,8 @@ class MemoryBank:
             raise ValueError("num_spatial must not exceed num_pointers")
         self.num_spatial = num_spatial
         self.num_pointers = num_pointers
+        self.kept_spatial = num_spatial + 1
+        self.kept_pointers = num_pointers + 1
         self.max_conditioning = max_conditioning
         self.conditioning: OrderedDict[int, MemoryEntry] = OrderedDict()
         self.recent: OrderedDict[int, MemoryEntry] = OrderedDict()
@@ -74,11 +83,11 @@ class MemoryBank:
     def add_recent(self, entry: MemoryEntry) -> None:
         self.recent.pop(entry.frame_idx, None)
         self.recent[entry.frame_idx] = entry
-        while len(self.recent) > self.num_pointers:
+        while len(self.recent) > self.kept_pointers:
             self.recent.popitem(last=False)
         # Entries older than the spatial window only need their pointer.
         for i, (frame_idx, old) in enumerate(self.recent.items()):
-            if i >= len(self.recent) - self.num_spatial:
+            if i >= len(self.recent) - self.kept_spatial:
                 break
             if old.memory is not None:
                 self.recent[frame_idx] = old.without_memory()

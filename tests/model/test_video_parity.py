@@ -10,88 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from masklet.model import Prompt, StepRequest
-from oracle import (
-    build_official_video_predictor, compare_logits, official_state, ours_from, propagate, read_clip,
-)
-
-S = 256  # image size for parity (RoPE feat_sizes [16, 16])
-N = 18  # >= 16 frames: SAM 2.1 normalises pointer time offsets by min(num_frames, 16) - 1
-CLICK = [[160.0, 90.0]]
-VIA = ["step", "step_many"]  # one tracker.step per object, or all objects of a frame in one step_many
-
+from masklet.model import Prompt
+from oracle import compare_logits, official_state, propagate, read_clip
+from parity import CLICK, N, VIA, assert_all_frames, pair, run_objects, run_official_simple, run_ours
 
 @pytest.fixture(scope="module")
 def frames(video_paths):
     return read_clip(video_paths[0], N)
-
-
-_pairs: dict = {}
-
-
-def pair(name: str, correct_as_cond: bool = False):
-    """(official predictor, our model) sharing identical weights; cached per module run."""
-    key = (name, correct_as_cond)
-    if key not in _pairs:
-        official = build_official_video_predictor(name, S, correct_as_cond=correct_as_cond)
-        _pairs[key] = (official, ours_from(official, name, S))
-    return _pairs[key]
-
-
-_refs: dict = {}
-
-
-def run_official_simple(official, frames, tmp_path, prompts: dict[int, dict], key=None):
-    """prompts: obj_id -> kwargs for add_new_points_or_box / add_new_mask at frame 0.
-
-    With a `key`, the official run is cached for the module, so the "step" and "step_many" variants of
-    a scenario are compared against one reference run.
-    """
-    if key is not None and key in _refs:
-        return _refs[key]
-    state, images = official_state(official, frames, tmp_path)
-    for obj_id, kw in prompts.items():
-        if "mask" in kw:
-            official.add_new_mask(state, frame_idx=0, obj_id=obj_id, mask=kw["mask"])
-        else:
-            official.add_new_points_or_box(state, frame_idx=0, obj_id=obj_id, **kw)
-    out = state, images, propagate(official, state)
-    if key is not None:
-        _refs[key] = out
-    return out
-
-
-def run_ours(model, images, video_size, prompt: Prompt, start: int = 0, num_frames=None, via: str = "step"):
-    embeddings = model.encode(images)
-    outs, trackers = run_objects(model, embeddings, video_size, [prompt], start=start, num_frames=num_frames, via=via)
-    return outs[0], trackers[0], embeddings
-
-
-def run_objects(model, embeddings, video_size, prompts: list[Prompt], start: int = 0, num_frames=None,
-                via: str = "step"):
-    """Every object prompted at `start`, then tracked to the end: one tracker each, stepped one object
-    at a time ("step") or all objects of a frame in one call ("step_many")."""
-    trackers = [model.new_tracker(video_size, num_frames=num_frames) for _ in prompts]
-    outs = [{} for _ in prompts]
-    for i in range(start, len(embeddings)):
-        requests = [StepRequest(t, i, embeddings[i], p if i == start else None) for t, p in zip(trackers, prompts)]
-        if via == "step_many":
-            results = model.step_many(requests)
-        else:
-            assert via == "step", via
-            results = [r.tracker.step(r.frame_idx, r.embedding, r.prompt) for r in requests]
-        for out, result in zip(outs, results):
-            out[i] = result
-    return outs, trackers
-
-
-def assert_all_frames(ours: dict, ref: dict, obj_index: int = 0, what: str = ""):
-    assert sorted(ours) == sorted(ref), f"{what}: frames differ: ours {sorted(ours)} ref {sorted(ref)}"
-    worst = 0.0
-    for f in sorted(ref):
-        rel, _ = compare_logits(ours[f].logits, ref[f][obj_index], f"{what} frame {f}")
-        worst = max(worst, rel)
-    return worst
 
 
 @pytest.mark.parametrize("via", VIA)
@@ -188,33 +113,6 @@ def test_prompt_at_later_frame_matches_repropagation(frames, tmp_path):
         out[i] = tracker.step(i, embeddings[i], prompt)
     assert out[k].is_conditioning and not out[k + 1].is_conditioning
     assert_all_frames(out, ref, what="later prompt")
-
-
-def test_refine_matches_official_correct_as_cond(frames, tmp_path):
-    """Official built with add_all_frames_to_correct_as_cond=True: propagate to k, click at k, propagate from k."""
-    official, ours = pair("sam2.1_hiera_tiny", correct_as_cond=True)
-    k, fix = 6, [[120.0, 70.0]]
-    state, images = official_state(official, frames, tmp_path)
-    official.add_new_points_or_box(state, frame_idx=0, obj_id=1, points=CLICK, labels=[1])
-    ref = propagate(official, state, max_frame_num_to_track=k)
-    _, _, refined_ref = official.add_new_points_or_box(state, frame_idx=k, obj_id=1, points=fix, labels=[0])
-    ref_after = propagate(official, state, start_frame_idx=k)
-
-    embeddings = ours.encode(images)
-    tracker = ours.new_tracker((state["video_height"], state["video_width"]))
-    out = {0: tracker.step(0, embeddings[0], Prompt(points=CLICK, labels=[1]))}
-    for i in range(1, k + 1):
-        out[i] = tracker.step(i, embeddings[i])
-    assert_all_frames(out, ref, what="before refine")
-    refined = tracker.refine(embeddings[k], Prompt(points=fix, labels=[0]))
-    compare_logits(refined.logits, refined_ref[0, 0], "refined frame")
-    before = out[k].logits
-    assert (refined.logits - before).abs().max() > 1e-3, "the correction changed nothing; the test would be vacuous"
-    after = {k: refined}
-    for i in range(k + 1, N):
-        after[i] = tracker.step(i, embeddings[i])
-    assert_all_frames(after, ref_after, what="after refine")
-    assert k in tracker.bank.conditioning, "a refined frame must become a conditioning frame"
 
 
 def test_reverse_propagation_matches_official(frames, tmp_path):
