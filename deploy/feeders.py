@@ -13,8 +13,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
-import numpy as np
-
+from masklet.actors.payloads import EncodedImage
 from masklet.monitoring.stats import Stats
 from masklet.pipeline.config import DEFAULT_MAX_PIXELS, KafkaSettings
 
@@ -47,8 +46,15 @@ class FeederState:
 class FeedFrame:
     frame_idx: int
     pts: float
-    rgb: np.ndarray = field(repr=False)
+    rgb: Any = field(repr=False)  # uint8 [H, W, 3] pixels, or an EncodedImage a decoder actor decodes
     fps: Optional[float] = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width)."""
+        if isinstance(self.rgb, EncodedImage):
+            return self.rgb.height, self.rgb.width
+        return tuple(self.rgb.shape[:2])
 
 
 class Feeder:
@@ -86,7 +92,7 @@ class Feeder:
                 if self._stop.is_set():
                     return
                 if self.status.size is None:
-                    height, width = frame.rgb.shape[:2]
+                    height, width = frame.size
                     self.session.open_stream(self.stream_id, width, height, fps=frame.fps, source_type=self.source_type)
                     self.status.size = (width, height)
                     self.status.state = "running"
@@ -156,7 +162,7 @@ def kafka_frames(settings: KafkaSettings, kafka_stream: str, *, max_frames: Opti
         from kafka import KafkaConsumer, TopicPartition
 
         from masklet.pipeline.kafka.client import consumer_kwargs, topic_partitions
-        from masklet.pipeline.kafka.codec import decode_frame
+        from masklet.pipeline.kafka.codec import inspect_frame
         from masklet.pipeline.kafka.deadletter import Rejected
 
         consumer = KafkaConsumer(**consumer_kwargs(settings, group=False))
@@ -175,14 +181,15 @@ def kafka_frames(settings: KafkaSettings, kafka_stream: str, *, max_frames: Opti
                         if record.key != wanted:
                             continue
                         try:
-                            _, meta, rgb = decode_frame(record.key, record.value, record.headers, max_pixels)
+                            # Header checks only: the JPEG is decoded in a decoder actor, not in this replica.
+                            _, meta, image = inspect_frame(record.key, record.value, record.headers, max_pixels)
                         except Rejected as exc:  # `masklet run` dead-letters these; the viewer skips them
                             log.info("skipping frame of %s: %s", kafka_stream, exc)
                             continue
                         except Exception as exc:  # noqa: BLE001 - no record ends the stream (decoder bugs included)
                             log.warning("skipping frame of %s: unexpected %s: %s", kafka_stream, type(exc).__name__, exc)
                             continue
-                        yield FeedFrame(meta.frame_idx, meta.pts, rgb)
+                        yield FeedFrame(meta.frame_idx, meta.pts, image)
                         fed += 1
         finally:
             consumer.close()
