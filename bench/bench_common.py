@@ -41,7 +41,7 @@ def machine() -> dict:
     return info
 
 
-def plain_loop(spec, paths, points, frames: int) -> dict:
+def plain_loop(spec, paths, points, frames: int, open_fn=None) -> dict:
     """One process, no pipeline: decode, encode (one frame per pass), step every object, build the
     record (RLE, bbox, area, JSON) -- the same model calls and outputs as the pipeline."""
     import torch
@@ -54,8 +54,10 @@ def plain_loop(spec, paths, points, frames: int) -> dict:
     torch.manual_seed(spec.seed)
     model = spec.build()
     start, count = time.perf_counter(), 0
+    open_fn = open_fn or (lambda path: open_source(str(path), max_frames=frames))
     for path in paths:
-        with open_source(str(path), max_frames=frames) as source:
+        source = open_fn(path)
+        try:
             trackers = None
             for frame in source.frames():
                 h, w = frame.rgb.shape[:2]
@@ -69,7 +71,10 @@ def plain_loop(spec, paths, points, frames: int) -> dict:
                         results = [t.step(frame.frame_idx, emb) for t in trackers]
                 objects = [ObjectResult(i + 1, frame.frame_idx, r.low_res_logits[0].numpy(), r.score, r.iou, (h, w))
                            for i, r in enumerate(results)]
-                build_record(FrameMeta(path.stem, frame.frame_idx, frame.pts, w, h), objects, spec.name).to_json_bytes()
+                build_record(FrameMeta("s", frame.frame_idx, frame.pts, w, h), objects, spec.name).to_json_bytes()
                 count += 1
+        finally:
+            if hasattr(source, "close"):
+                source.close()
     wall = time.perf_counter() - start
     return {"frames": count, "wall_s": round(wall, 2), "fps": round(count / wall, 2)}

@@ -18,7 +18,6 @@ import argparse
 import functools
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,15 +29,14 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from masklet.actors.payloads import ModelSpec  # noqa: E402
-from masklet.actors.publisher import build_record  # noqa: E402
-from masklet.actors.payloads import FrameMeta, TrackedMask  # noqa: E402
-from masklet.model import build_model  # noqa: E402
 from masklet.model.config import get_config  # noqa: E402
 from masklet.model.types import Prompt  # noqa: E402
 from masklet.actors.backend import RayBackend  # noqa: E402
 from masklet.pipeline.engine import Engine, EngineConfig, StreamSpec  # noqa: E402
+from masklet.pipeline.executor_config import ExecutorConfig  # noqa: E402
 from masklet.actors.sinks import JsonlOutputs  # noqa: E402
 from masklet.actors.sources import open_source  # noqa: E402
+from bench_common import machine, plain_loop as common_loop  # noqa: E402
 from memory_probe import MemorySampler  # noqa: E402
 
 
@@ -74,25 +72,11 @@ def inputs(frames: int):
 
 def plain_loop(spec: ModelSpec, streams) -> tuple[float, int]:
     """What one process would do without the pipeline: same model calls, frame by frame."""
-    torch.manual_seed(spec.seed)
-    model = build_model(spec.name, checkpoint=spec.checkpoint, image_size=spec.image_size, device=spec.device)
-    start, count = time.perf_counter(), 0
-    for stream_id, opener, (x, y) in streams:
-        src = opener()
-        tracker = None
-        for frame in src.frames():
-            with torch.inference_mode():
-                emb = model.encode(frame.rgb[None])[0]
-                if tracker is None:
-                    tracker = model.new_tracker(frame.rgb.shape[:2])
-                    result = tracker.step(frame.frame_idx, emb, Prompt(points=[[x, y]], labels=[1]))
-                else:
-                    result = tracker.step(frame.frame_idx, emb)
-            mask = TrackedMask(1, frame.frame_idx, (result.logits > 0).numpy(), result.score, result.iou)
-            meta = FrameMeta(stream_id, frame.frame_idx, frame.pts, frame.rgb.shape[1], frame.rgb.shape[0])
-            build_record(meta, [mask], spec.name).to_json_bytes()
-            count += 1
-    return time.perf_counter() - start, count
+    wall, count = 0.0, 0
+    for _, opener, point in streams:
+        result = common_loop(spec, [None], [point], frames=10**9, open_fn=lambda _, opener=opener: opener())
+        wall, count = wall + result["wall_s"], count + result["frames"]
+    return wall, count
 
 
 def pipeline_run(spec: ModelSpec, streams, config: EngineConfig, out: Path, backend) -> dict:
@@ -104,7 +88,7 @@ def pipeline_run(spec: ModelSpec, streams, config: EngineConfig, out: Path, back
 
     engine = Engine(backend, spec, config, on_progress=progress)
     engine.start_encoder()
-    backend.get(backend.call(engine.encoder, "pid"))  # model loaded before the clock starts
+    backend.get(backend.call(engine.executor.encoder, "pid"))  # model loaded before the clock starts
     specs = [StreamSpec(sid, opener, {1: {0: Prompt(points=[[x, y]], labels=[1])}}, JsonlOutputs(str(out)))
              for sid, opener, (x, y) in streams]
     start = time.perf_counter()
@@ -135,19 +119,6 @@ def rss_run(spec: ModelSpec, frames: int, config: EngineConfig, out: Path, backe
             **sampler.summary(frames)}
 
 
-def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count(),
-            "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads()}
-    import ray
-
-    info["ray"] = ray.__version__
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--frames", type=int, default=60, help="frames per input for the throughput run; 0 skips it")
@@ -159,8 +130,10 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     spec = ModelSpec(args.model, None, args.image_size, device)
     delay = get_config(args.model, image_size=args.image_size).max_obj_ptrs_in_encoder - 1
-    config = EngineConfig(max_batch_size=4, max_wait_ms=10, backward_delay=delay,
-                          encoder_gpus=0.5 if device == "cuda" else 0.0, tracker_gpus=0.01 if device == "cuda" else 0.0)
+    config = EngineConfig(executor=ExecutorConfig(max_batch_size=4, max_wait_ms=10,
+                                                  encoder_gpus=0.5 if device == "cuda" else 0.0,
+                                                  tracker_gpus=0.01 if device == "cuda" else 0.0),
+                          backward_delay=delay)
     streams = inputs(args.frames)
     print(f"machine: {machine()}")
     backend = RayBackend(init_kwargs={"num_cpus": os.cpu_count()})

@@ -150,7 +150,7 @@ class OutputHub:
         text = record.to_json_bytes().decode("utf-8")
         for loop, queue in targets:
             try:
-                loop.call_soon_threadsafe(_put_drop_oldest, queue, (record.frame_idx, text))
+                loop.call_soon_threadsafe(_put_drop_oldest, queue, (f"{record.frame_idx}.{record.revision}", text))
             except RuntimeError:  # the subscriber's loop is closed: it is going away
                 pass
 

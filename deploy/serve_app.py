@@ -262,11 +262,12 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
                 yield ": masklet records of stream %s\n\n" % stream_id
                 while not await request.is_disconnected():
                     try:
-                        frame_idx, text = await asyncio.wait_for(queue.get(), timeout=SSE_HEARTBEAT_S)
+                        # id: "<frame_idx>.<revision>": a revision of a frame comes again with a higher one
+                        event_id, text = await asyncio.wait_for(queue.get(), timeout=SSE_HEARTBEAT_S)
                     except asyncio.TimeoutError:
                         yield ": keep-alive\n\n"  # proxies close idle connections
                         continue
-                    yield f"event: masklet\nid: {frame_idx}\ndata: {text}\n\n"
+                    yield f"event: masklet\nid: {event_id}\ndata: {text}\n\n"
             finally:
                 hub.unsubscribe(key)
 

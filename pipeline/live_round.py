@@ -189,7 +189,11 @@ def _emit(ses: "LiveSession") -> list[LiveOutput]:
                 ses.stats.observe("masklet_end_to_end_latency_seconds", now - pub.frame.submitted_at)
             else:
                 st.revisions_published += 1
-            if output.record is not None:
-                rt.latest = output
+            if output.record is not None and (rt.latest is None or _newer(output.record, rt.latest.record)):
+                rt.latest = output  # a revision of an older frame does not move `latest` back
             out.append(output)
     return out
+
+
+def _newer(record: Any, than: Any) -> bool:
+    return (record.frame_idx, record.revision) >= (than.frame_idx, than.revision)

@@ -62,3 +62,27 @@ def test_add_refine_remove_with_the_real_session(live_client):
     text = client.get("/metrics").text
     assert "masklet_frames_published_total" in text and "masklet_encoder_batch_size_bucket" in text
     assert client.delete("/streams/cam1").status_code == 204
+
+
+def test_a_late_prompt_revises_published_records_on_the_api(live_client):
+    """An object added at a frame already published: that frame (and the published ones after it in
+    the ring) come again on the SSE feed with revision 1, and the masklet endpoint keeps showing the
+    newest frame, never an older one's revision."""
+    client = live_client
+    newest = wait_for(lambda: (r := client.get("/streams/cam1/masklet").json())["frame_idx"] >= 6 and r,
+                      timeout=60, message="six frames published")
+    target = newest["frame_idx"] - 3
+    with client.session.get(client.url + "/streams/cam1/events", stream=True, timeout=60) as response:
+        added = client.post("/streams/cam1/objects", json={"points": [[30, 30]], "labels": [1], "frame_idx": target})
+        assert added.status_code == 202, added.text
+        revised = None
+        for line in response.iter_lines(decode_unicode=True):
+            if line.startswith("data: "):
+                record = json.loads(line[len("data: "):])
+                if record["frame_idx"] == target:
+                    revised = record
+                    break
+    assert revised is not None and revised["revision"] == 1, revised
+    assert [o["object_id"] for o in revised["objects"]] == [1]
+    latest = client.get("/streams/cam1/masklet").json()
+    assert latest["frame_idx"] >= newest["frame_idx"] > target, (latest["frame_idx"], newest["frame_idx"])
