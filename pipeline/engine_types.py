@@ -16,7 +16,7 @@ from masklet.pipeline.executor_config import ExecutorConfig, require_bounds
 class EngineConfig:
     """The offline (file) scheduler's settings; `executor` holds what both schedulers share."""
 
-    executor: ExecutorConfig = ExecutorConfig(max_batch_size=4)
+    executor: ExecutorConfig = ExecutorConfig()
     queue_capacity: int = 16          # per stream: frames in flight (WAIT) or queued for encoding
     replay_frames: int = 64           # per stream: frames kept for tracker replay
     snapshot_every: int = 30          # tracker snapshot interval, in steps (<= replay_frames)

@@ -21,8 +21,9 @@ def require_bounds(config: object, *, at_least_one: tuple[str, ...] = (), non_ne
 
 @dataclass(frozen=True)
 class ExecutorConfig:
+    # The same defaults as settings.pipeline (one source for every command: configure.py maps them).
     max_batch_size: int = 8            # frames per encoder forward pass, from any streams
-    max_wait_ms: float = 5.0           # how long a partial batch may wait for more frames
+    max_wait_ms: float = 10.0          # how long a partial batch may wait for more frames
     encoder_queue_depth: int = 2       # batches submitted ahead, so the encoder never idles
     objects_per_tracker: int = 16      # objects packed onto one tracker actor (1: one actor per object)
     streams_per_decoder: int = 4       # streams sharing one decoder actor

@@ -15,7 +15,7 @@ from masklet.pipeline.executor_config import ExecutorConfig, require_bounds
 
 @dataclass(frozen=True)
 class LiveConfig:
-    executor: ExecutorConfig = ExecutorConfig(max_batch_size=8, max_wait_ms=10.0)
+    executor: ExecutorConfig = ExecutorConfig()
     queue_capacity: int = 8              # per stream, DROP_OLDEST: every drop counted and reported
     ring_buffer_frames: int = 32         # recent frames kept per stream for late prompts and revisions
     snapshot_every: int = 30

@@ -117,3 +117,24 @@ def test_a_deeply_nested_config_file_is_one_line_not_a_traceback(tmp_path):
     path.write_text("pipeline: " + "[" * 5000 + "]" * 5000 + "\n")
     with pytest.raises(ConfigError, match="nesting depth"):
         load_settings(path)
+
+
+def test_one_default_per_setting_whatever_the_command():
+    """segment, run and serve map settings through pipeline/configure.py, and the configs' own
+    defaults equal the settings' (they used to disagree: max_batch_size was 8, 4 and 8)."""
+    from masklet.actors.payloads import ModelSpec
+    from masklet.pipeline.configure import engine_config, executor_config, live_config
+    from masklet.pipeline.engine_types import EngineConfig
+    from masklet.pipeline.executor_config import ExecutorConfig
+    from masklet.pipeline.live_types import LiveConfig
+
+    settings = load_settings()
+    shared = set(ExecutorConfig.__dataclass_fields__) & set(type(settings.pipeline).model_fields) - {"colocate"}
+    assert {"max_batch_size", "max_wait_ms", "objects_per_tracker", "max_pixels"} <= shared
+    for name in shared:
+        assert getattr(ExecutorConfig(), name) == getattr(settings.pipeline, name), name
+    spec = ModelSpec("sam2.1_hiera_tiny", None, 256, "cpu")
+    mapped = executor_config(settings, spec)
+    assert mapped == engine_config(settings, spec).executor == live_config(settings, spec).executor
+    assert EngineConfig().executor == LiveConfig().executor == ExecutorConfig()
+    assert all(getattr(mapped, n) == getattr(ExecutorConfig(), n) for n in shared)
