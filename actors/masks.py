@@ -25,6 +25,7 @@ from __future__ import annotations
 import enum
 import functools
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 from pycocotools import mask as coco_mask
@@ -108,10 +109,22 @@ def _kernel_for(low_size: tuple[int, int], out_size: tuple[int, int]) -> _Kernel
     return _Kernel.FUSED if np.array_equal(ours.view(np.int32), theirs.view(np.int32)) else _Kernel.TORCH
 
 
-def upsample_logits(low: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
+def mask_kernel(low_size: tuple[int, int], out_size: tuple[int, int]) -> str:
+    """"fused" or "torch": how publishers reproduce `F.interpolate` for this size pair. Calibrated in
+    the scheduler's process (it has torch) and handed to publishers with the stream, so a publisher
+    needs torch only where the emulation does not match (another CPU or torch build) or for a
+    ragged mask (random weights), where torch's vectorised kernel is faster than the outline."""
+    return _kernel_for(tuple(low_size), tuple(out_size)).value
+
+
+def _resolve(kernel: Optional[str], low_size: tuple[int, int], out_size: tuple[int, int]) -> _Kernel:
+    return _Kernel(kernel) if kernel else _kernel_for(tuple(low_size), tuple(out_size))
+
+
+def upsample_logits(low: np.ndarray, out_size: tuple[int, int], kernel: Optional[str] = None) -> np.ndarray:
     """The full-resolution logits, float32 [H, W] (soft mattes, tests)."""
     low = np.asarray(low, dtype=np.float32).reshape(low.shape[-2:])
-    if _kernel_for(low.shape, tuple(out_size)) is _Kernel.TORCH:
+    if _resolve(kernel, low.shape, out_size) is _Kernel.TORCH:
         return _interpolate_torch(low, tuple(out_size))
     return _interpolate_fused(low, slice(0, out_size[0]), slice(0, out_size[1]), tuple(out_size))
 
@@ -158,15 +171,16 @@ def positive_window(low: np.ndarray, out_size: tuple[int, int]) -> tuple[slice, 
 OUTLINE_LIMIT = 0.2
 
 
-def summarize_mask(low: np.ndarray, out_size: tuple[int, int]) -> MaskSummary:
-    """RLE, bbox and area of `upsample(low) > 0` at `out_size` = (H, W), from the low-res logits alone."""
+def summarize_mask(low: np.ndarray, out_size: tuple[int, int], kernel: Optional[str] = None) -> MaskSummary:
+    """RLE, bbox and area of `upsample(low) > 0` at `out_size` = (H, W), from the low-res logits alone.
+    `kernel`: from `mask_kernel` (None: calibrate here, which imports torch)."""
     height, width = int(out_size[0]), int(out_size[1])
     low = np.asarray(low, dtype=np.float32).reshape(low.shape[-2:])
     window = positive_window(low, (height, width))
     if window is None:
         return MaskSummary((height, width), _empty_counts(height, width), (0, 0, 0, 0), 0)
     ys, xs = window
-    exact_here = _kernel_for(low.shape, (height, width)) is _Kernel.FUSED
+    exact_here = _resolve(kernel, low.shape, (height, width)) is _Kernel.FUSED
     if exact_here and (_outline_share(low, ys, xs, (height, width)) <= OUTLINE_LIMIT or not _has_torch()):
         crop_t = _threshold_by_cells(low, ys, xs, (height, width))
         return _summary_from_columns(crop_t, ys.start, xs.start, height, width)

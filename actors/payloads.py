@@ -215,6 +215,7 @@ class StreamInfo:
     model_name: str
     soft_masks: bool = False
     return_records: bool = False  # live streams: the record comes back to the caller (Kafka, API)
+    mask_kernel: str = ""         # actors.masks.mask_kernel for this stream's sizes ("": calibrate there)
 
 
 class InputError(RuntimeError):

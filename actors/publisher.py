@@ -39,12 +39,12 @@ class PublishAck:
 
 
 def build_record(meta: FrameMeta, results: Sequence[ObjectResult], model_name: str,
-                 summaries: Optional[Sequence[MaskSummary]] = None) -> MaskletRecord:
+                 summaries: Optional[Sequence[MaskSummary]] = None, kernel: Optional[str] = None) -> MaskletRecord:
     """The masklet/v1 record of one frame from its objects' low-resolution results."""
     results = sorted(results, key=lambda r: r.object_id)
     size = (meta.height, meta.width)
     if summaries is None:
-        summaries = [summarize_mask(r.low_res_logits, size) for r in results]
+        summaries = [summarize_mask(r.low_res_logits, size, kernel) for r in results]
     objects = [ObjectMask(object_id=r.object_id, rle=CocoRle(size=s.size, counts=s.counts), bbox=s.bbox,
                           area=s.area, score=_finite(r.score), iou=_finite(r.iou), present=r.present)
                for r, s in zip(results, summaries)]
@@ -94,12 +94,13 @@ class PublisherActor:
             raise KeyError(f"stream {meta.stream_id!r} is not open on this publisher")
         results = tuple(sorted((r for r in results if r is not None), key=lambda r: r.object_id))
         size = (meta.height, meta.width)
-        summaries = [summarize_mask(r.low_res_logits, size) for r in results]
+        kernel = stream.info.mask_kernel or None
+        summaries = [summarize_mask(r.low_res_logits, size, kernel) for r in results]
         record = build_record(meta, results, stream.info.model_name, summaries)
         errors = []
         if stream.sinks:
             masks = {r.object_id: s.to_mask() for r, s in zip(results, summaries)}
-            logits = ({r.object_id: upsample_logits(r.low_res_logits, size) for r in results}
+            logits = ({r.object_id: upsample_logits(r.low_res_logits, size, kernel) for r in results}
                       if stream.info.soft_masks else {})
             frame = FrameOutput(record, rgb, masks, logits)
             for i, sink in enumerate(stream.sinks):

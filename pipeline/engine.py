@@ -26,6 +26,7 @@ from masklet.monitoring.stats import merge
 from masklet.pipeline import commands as c
 from masklet.pipeline.engine_types import EngineConfig, EngineEvent, RunReport, StreamOutcome, StreamSpec
 from masklet.pipeline.executor import Executor
+from masklet.pipeline.executor_config import publisher_mask_kernel
 from masklet.pipeline.file_stream import FileStream, StreamError
 
 __all__ = ["Engine", "EngineConfig", "EngineEvent", "RunReport", "StreamOutcome", "StreamSpec"]
@@ -155,7 +156,8 @@ class Engine:
             s.outcome.frames_total = info.frame_count
             s.ctrl.set_video_size(info.width, info.height)
             stream_info = StreamInfo(s.spec.stream_id, info.width, info.height, info.fps or 30.0,
-                                     tuple(sorted(s.ctrl.objects)), self.model.name, self.config.soft_masks)
+                                     tuple(sorted(s.ctrl.objects)), self.model.name, self.config.soft_masks,
+                                     mask_kernel=publisher_mask_kernel(self.model, info.height, info.width))
             self._commands.append(c.OpenPublisher(stream_info, s.spec.sink_factory))
         elif isinstance(done, c.PublisherOpened):
             if done.errors:

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 from masklet.actors.sources import DEFAULT_MAX_PIXELS
+
+if TYPE_CHECKING:
+    from masklet.actors.payloads import ModelSpec
 
 
 def require_bounds(config: object, *, at_least_one: tuple[str, ...] = (), non_negative: tuple[str, ...] = ()) -> None:
@@ -51,3 +54,19 @@ class ExecutorConfig:
                                            "shard_cache_frames"),
                        non_negative=("max_wait_ms", "encoder_gpus", "tracker_gpus", "max_encoder_restarts",
                                      "max_tracker_restarts"))
+
+
+# Factories whose trackers return S/4 x S/4 low-resolution logits (SAM 2's mask decoder).
+QUARTER_RES_FACTORIES = ("masklet.model:build_model", "masklet.model.null_model:build_null_model")
+
+
+def publisher_mask_kernel(model: "ModelSpec", height: int, width: int) -> str:
+    """How the stream's publisher reproduces the upsampling (actors.masks.mask_kernel), decided here,
+    in the scheduler's process, so publishers never need torch for it; "" lets the publisher decide
+    (a plug-in model's low-resolution size is not known here)."""
+    if model.factory not in QUARTER_RES_FACTORIES:
+        return ""
+    from masklet.actors.masks import mask_kernel
+
+    side = model.image_size // 4
+    return mask_kernel((side, side), (height, width))

@@ -51,6 +51,7 @@ from masklet.actors.prompt_limits import PromptLimitError, check_object_count, p
 from masklet.monitoring.stats import Stats, StatsSnapshot, merge
 from masklet.pipeline import commands as c
 from masklet.pipeline.executor import Executor
+from masklet.pipeline.executor_config import publisher_mask_kernel
 from masklet.pipeline.live_objects import Incarnation
 from masklet.pipeline.live_round import StreamRuntime, run_round
 from masklet.pipeline.live_state import LiveFrame, LiveStream
@@ -111,7 +112,7 @@ class LiveSession:
                                revision_floor=revision_floor)
             self._streams[stream_id] = StreamRuntime(state)
             info = StreamInfo(stream_id, width, height, fps or 0.0, (), self.model.name, cfg.soft_masks,
-                              return_records=True)
+                              return_records=True, mask_kernel=publisher_mask_kernel(self.model, height, width))
             self._queued.append(c.OpenPublisher(info))
             self.stats.set("masklet_active_streams", len(self._streams))
         self._wake.set()
