@@ -58,7 +58,7 @@ def test_producer_recovers_from_broker_restart_and_reports_loss(broker, kafka_se
     # The memory-only broker forgot what it had stored before the restart; the producer noticed and said so.
     assert delivery.broker_resets >= 1
     reported_lost = delivery.acked_then_lost_by_broker
-    stored = _frame_indices(consume_records(kafka_settings, kafka_settings.topics.frames, FRAMES - reported_lost))
+    stored = _frame_indices(consume_records(kafka_settings, kafka_settings.topics.frames, FRAMES - reported_lost, 60))
     missing = set(range(FRAMES)) - set(stored)
     assert missing, "a memory-only broker restart must lose the records stored before it"
     assert len(missing) <= reported_lost  # no silent loss: every missing frame is accounted for
