@@ -24,7 +24,8 @@ from typing import Sequence
 import av
 import numpy as np
 
-DEMO_MODEL = "sam2.1_hiera_tiny"
+from masklet.deploy.demo_live import DEMO_MODEL
+
 INPUT_ENV = "MASKLET_DEMO_INPUT"
 DEFAULT_OUT = Path("demo-out")
 CLIP_NAME = "sample.mp4"

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+DEMO_MODEL = "sam2.1_hiera_tiny"  # the demo's variant (deploy/demo.py imports it from here)
+
 LIVE_STREAM = "demo-cam"
 LIVE_FRAMES = 24  # 1 s of the 24 fps clip at its own pace: the live part stays a few seconds
 
@@ -52,7 +54,6 @@ def run_live_demo(clip: Path, out: Path, *, checkpoint: Optional[str], image_siz
                   point: tuple[int, int], click_frame: int, smoke: bool) -> int:
     from masklet.actors.backend import InProcessBackend
     from masklet.actors.payloads import ModelSpec
-    from masklet.deploy.demo import DEMO_MODEL
     from masklet.monitoring.exporter import start_metrics_server
     from masklet.pipeline.config import KafkaSettings
     from masklet.pipeline.kafka.broker import EmbeddedBroker
