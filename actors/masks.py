@@ -222,38 +222,64 @@ def _threshold_by_cells(low: np.ndarray, ys: slice, xs: slice, out_size: tuple[i
     """`interpolate(low)[ys, xs] > 0`, transposed (column-major), bool [len(xs), len(ys)].
 
     torch interpolates along x first: per low-res row r and output column x it forms
-    a[r, x] = fma(t[r, j0], wx0, t[r, j1] * wx1), then blends two of those rows along y. Those
-    row values are few ([rows, Wc]) and are computed exactly. An output pixel between rows r0 and
-    r1 blends a[r0, x] and a[r1, x] with non-negative weights, so where both are positive it is
-    positive and where neither is it is not, whatever the weights; only where they differ in sign,
-    the object's top and bottom edges in that column, are the pixels computed one by one.
+    a[r, x] = fma(t[r, j0], wx0, t[r, j1] * wx1), then blends two of those rows along y:
+    v = fma(a[r0, x], wy0, a[r1, x] * wy1). Blending with non-negative weights keeps a sign both
+    inputs share (positive stays positive, non-positive stays non-positive), so signs are decided
+    from the low-res signs alone, and values are computed (exactly, as torch does) only where the
+    two inputs differ: along x at the object's left and right edges, then along y at its top and
+    bottom edges in each column. Values under 1e-30 are computed too (the one way two positive
+    terms could still round to zero is underflow).
     """
     ay, ax = _axis(low.shape[0], out_size[0]), _axis(low.shape[1], out_size[1])
     y0, y1 = ay.i0[ys], ay.i1[ys]
     x0, x1, wx0, wx1 = ax.i0[xs], ax.i1[xs], ax.w0[xs], ax.w1[xs]
-    top_row = int(y0[0])
-    band = low[top_row:int(y1[-1]) + 1]                        # the low-res rows the crop reads
-    along_x = _fma32(band[:, x0], wx0, (band[:, x1] * wx1).astype(_F64)).T   # [Wc, rows]
     # Output rows sharing i0 form a cell (their i1 is the same too); i0 is non-decreasing.
     first_rows = np.flatnonzero(np.concatenate(([True], y0[1:] != y0[:-1])))
     cell_rows = np.diff(np.append(first_rows, y0.size))
-    upper = along_x[:, y0[first_rows] - top_row]               # [Wc, cells]
-    lower = along_x[:, y1[first_rows] - top_row]
-    # Underflow is the one way two positive terms could blend to 0: treat near-zero values as mixed.
-    tiny = (np.abs(upper) < 1e-30) | (np.abs(lower) < 1e-30)
-    upper_pos, lower_pos = upper > 0, lower > 0
-    out = np.repeat(upper_pos & lower_pos & ~tiny, cell_rows, axis=1)   # [Wc, Hc], the certain part
-    mixed_col, mixed_cell = np.nonzero((upper_pos != lower_pos) | tiny)
-    if mixed_col.size:
+    r_up, r_lo = y0[first_rows], y1[first_rows]                  # low-res rows of each cell
+    rows, where = np.unique(np.concatenate((r_up, r_lo)), return_inverse=True)
+    up_idx, lo_idx = where[:r_up.size], where[r_up.size:]
+
+    def along_x(r: np.ndarray, c: np.ndarray) -> np.ndarray:  # exact a[r, x] at crop columns c
+        return _fma32(low[r, x0[c]], wx0[c], (low[r, x1[c]] * wx1[c]).astype(_F64))
+
+    band = low[rows]                                             # [R, w]
+    positive, weak = band > 0, np.abs(band) < 1e-30
+    p0, p1 = positive[:, x0], positive[:, x1]                    # [R, Wc]
+    any_weak = bool(weak.any())                                  # (almost never: logits are not ~0)
+    sure = p0 & p1
+    if any_weak:
+        sure &= ~(weak[:, x0] | weak[:, x1])                     # both terms clearly positive
+    a_pos, a_weak = sure, None
+    rr, cc = np.divmod(np.flatnonzero(p0 != p1 if not any_weak else (p0 != p1) | (p0 & p1 & ~sure)), p0.shape[1])
+    if rr.size:                                                  # left/right edges: exact values
+        values = along_x(rows[rr], cc)
+        a_pos[rr, cc] = values > 0
+        tiny = np.abs(values) < 1e-30
+        if tiny.any():
+            a_weak = np.zeros_like(sure)
+            a_weak[rr, cc] = tiny
+    a_pos = a_pos.T                                              # [Wc, R]
+    upper, lower = a_pos[:, up_idx], a_pos[:, lo_idx]            # [Wc, cells]
+    certain = upper & lower
+    if a_weak is not None:
+        a_weak = a_weak.T
+        unsure = a_weak[:, up_idx] | a_weak[:, lo_idx]
+        certain &= ~unsure
+        mixed = (upper != lower) | unsure
+    else:
+        mixed = upper != lower
+    out = np.repeat(certain, cell_rows, axis=1)                  # [Wc, Hc], the certain part
+    mixed_col, mixed_cell = np.divmod(np.flatnonzero(mixed), mixed.shape[1])
+    if mixed_col.size:                                           # top/bottom edges: pixel by pixel
         lengths = cell_rows[mixed_cell]
         pair = np.repeat(np.arange(mixed_col.size), lengths)
         offset = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        rows = first_rows[mixed_cell][pair] + offset             # crop rows of the outline pixels
+        crop_rows = first_rows[mixed_cell][pair] + offset
         cols = mixed_col[pair]
-        gy = rows + ys.start
-        top = along_x[cols, y0[rows] - top_row]
-        bottom = along_x[cols, y1[rows] - top_row]
-        out[cols, rows] = _fma32(top, ay.w0[gy], (bottom * ay.w1[gy]).astype(_F64)) > 0
+        gy = crop_rows + ys.start
+        top, bottom = along_x(y0[crop_rows], cols), along_x(y1[crop_rows], cols)
+        out[cols, crop_rows] = _fma32(top, ay.w0[gy], (bottom * ay.w1[gy]).astype(_F64)) > 0
     return out
 
 

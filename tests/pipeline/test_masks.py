@@ -67,3 +67,13 @@ def test_binary_masks_summarise_like_pycocotools():
         got = summarize_binary(mask)
         assert got.counts == rle["counts"].decode() and got.area == int(mask.sum())
         assert np.array_equal(got.to_mask(), mask)
+
+
+def test_tiny_logits_underflow_exactly_as_torch():
+    """Logits near float32's smallest values: products round to zero in torch's kernel; ours too."""
+    ys, xs = np.mgrid[0:64, 0:64].astype(np.float32)
+    for scale in (1e-30, 1e-38, 1e-44):
+        low = ((10 - np.hypot(xs - 30, ys - 20)) * scale).astype(np.float32)
+        _, counts, bbox, area = reference(low, (720, 1280))
+        got = summarize_mask(low, (720, 1280), mask_kernel((64, 64), (720, 1280)))
+        assert (got.counts, got.bbox, got.area) == (counts, bbox, area), scale
