@@ -60,12 +60,49 @@ class Attention(nn.Module):
     def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         # q: [B, heads, Nq, d], k/v: [B, heads, Nk, d] -> [B, Nq, embedding_dim]
         dropout_p = self.dropout_p if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        out = scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
         return batch_invariant_linear(self.out_proj, self.merge_heads(out))
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         q, k, v = self.project_qkv(q, k, v)
         return self.attend(q, k, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# bf16 attention on CPUs. PyTorch's fused CPU attention kernel runs no faster in bf16 than in fp32 on
+# CPUs without AMX (measured on this AVX512-BF16 EPYC: 87 vs 92 ms for the 1024 x 7232 x 256
+# memory cross-attention, one thread), while plain bf16 matrix products run 3-4x faster than fp32
+# ones. So under bf16 autocast on the CPU, attention is computed block by block: bf16 products with
+# fp32 accumulation, softmax in fp32 (rounded to bf16 for the second product), as PyTorch's
+# unfused ("math") attention does under autocast. 1.7x faster than the fused kernel there; scores are
+# rounded to bf16 once, where the fused kernel keeps them in fp32 (measured drift:
+# bench/results/precision_bench.json).
+# ---------------------------------------------------------------------------------------------
+BLOCKED_BF16_ATTENTION = True
+QUERY_BLOCK = 512  # rows of queries per block: [512, Nk] scores stay cache-sized and allocation-light
+
+
+def use_blocked_bf16_attention(q: Tensor, k: Tensor, v: Tensor) -> bool:
+    return (BLOCKED_BF16_ATTENTION and q.device.type == "cpu"
+            and q.dtype == k.dtype == v.dtype == torch.bfloat16)
+
+
+def scaled_dot_product_attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
+    """F.scaled_dot_product_attention, except bf16 on the CPU (see above). q [..., Nq, d], k/v [..., Nk, d]."""
+    if dropout_p == 0.0 and use_blocked_bf16_attention(q, k, v):
+        return blocked_bf16_attention(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+
+
+def blocked_bf16_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """softmax(q k^T / sqrt(d)) v for bf16 q [..., Nq, d], k/v [..., Nk, d]; -> [..., Nq, d] bf16."""
+    q = q * (q.shape[-1] ** -0.5)  # exact for d = 256 (memory attention); one bf16 rounding otherwise
+    keys_t = k.transpose(-1, -2).contiguous()  # once, or every block's product would copy it again
+    out = torch.empty_like(q)
+    for start in range(0, q.shape[-2], QUERY_BLOCK):
+        scores = torch.matmul(q[..., start : start + QUERY_BLOCK, :], keys_t)  # [..., block, Nk]
+        out[..., start : start + QUERY_BLOCK, :] = torch.matmul(torch.softmax(scores, dim=-1), v)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,16 +144,19 @@ def rotate_pairs(x: Tensor, rotation: Tensor) -> Tensor:
     return torch.view_as_real(pairs * rotation).flatten(-2).type_as(x)
 
 
-def apply_axial_rope(q: Tensor, k: Tensor, rotation: Tensor, repeat_for_k: bool = False) -> tuple[Tensor, Tensor]:
+def apply_axial_rope(q: Tensor, k: Tensor, rotation: Tensor, repeat_for_k: bool = False,
+                     key_rotation: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Rotate q [B, heads, Nq, D] with the [Nq, D/2] rotations and k [B, heads, Nk, D] likewise.
 
     With `repeat_for_k`, k holds several frames of Nq tokens each (Nk = r * Nq) and every frame
-    reuses q's positions.
+    reuses q's positions. `key_rotation` may pass that repeated table precomputed.
     """
     q_out = rotate_pairs(q, rotation)
     if k.shape[-2] == 0:
         return q_out, k
-    if repeat_for_k:
+    if key_rotation is not None:
+        rotation = key_rotation
+    elif repeat_for_k:
         repeats = k.shape[-2] // q.shape[-2]
         assert repeats * q.shape[-2] == k.shape[-2], "key count must be a multiple of query count"
         rotation = rotation.repeat(repeats, 1)
@@ -144,6 +184,16 @@ class RoPEAttention(Attention):
         # Plain attributes rather than buffers: they are not part of the checkpoint.
         self.rope_grid = (int(feat_sizes[0]), int(feat_sizes[1]))
         self.rope_rotation = axial_rope_rotation(self.head_dim, *self.rope_grid, theta=rope_theta)
+        self._key_rotation: tuple | None = None  # ((table, repeats), table repeated for that many frames)
+
+    def key_rotation(self, rotation: Tensor, num_keys: int) -> Tensor:
+        """`rotation` tiled over the num_keys // Nq frames of keys; kept, since memory holds ~7 frames."""
+        repeats = num_keys // rotation.shape[0]
+        assert repeats * rotation.shape[0] == num_keys, "key count must be a multiple of query count"
+        key = (rotation, repeats)
+        if self._key_rotation is None or self._key_rotation[0][0] is not rotation or self._key_rotation[0][1] != repeats:
+            self._key_rotation = (key, rotation.repeat(repeats, 1))
+        return self._key_rotation[1]
 
     def rope_table(self, num_tokens: int, device: torch.device) -> Tensor:
         if self.rope_rotation.shape[0] != num_tokens:
@@ -164,6 +214,8 @@ class RoPEAttention(Attention):
         rotation = self.rope_table(num_q, q.device)
 
         num_k_rope = k.shape[-2] - num_k_exclude_rope
-        q, k_rotated = apply_axial_rope(q, k[:, :, :num_k_rope], rotation, repeat_for_k=self.rope_k_repeat)
+        key_rotation = self.key_rotation(rotation, num_k_rope) if self.rope_k_repeat and num_k_rope > 0 else None
+        q, k_rotated = apply_axial_rope(q, k[:, :, :num_k_rope], rotation, repeat_for_k=self.rope_k_repeat,
+                                        key_rotation=key_rotation)
         k = torch.cat([k_rotated, k[:, :, num_k_rope:]], dim=-2)
         return self.attend(q, k, v)

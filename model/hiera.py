@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .attention import scaled_dot_product_attention
 from .common import MLP, DropPath
 
 
@@ -106,7 +107,7 @@ class MultiScaleAttention(nn.Module):
             height, width = query.shape[1:3]
             query = query.reshape(batch, height * width, self.num_heads, head_dim)
 
-        out = F.scaled_dot_product_attention(
+        out = scaled_dot_product_attention(
             query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
         )  # [B, heads, H'*W', head_dim]
         out = out.transpose(1, 2).reshape(batch, height, width, self.dim_out)
@@ -216,6 +217,7 @@ class Hiera(nn.Module):
         # token grid plus a per-window embedding tiled over it.
         self.pos_embed = nn.Parameter(torch.zeros(1, embed_dim, *window_pos_embed_bkg_spatial_size))
         self.pos_embed_window = nn.Parameter(torch.zeros(1, embed_dim, window_spec[0], window_spec[0]))
+        self._pos_cache: tuple | None = None  # (key, [1, H, W, C]); see _position_embedding
 
         depth = sum(stages)
         drop_rates = torch.linspace(0, drop_path_rate, depth, device="cpu").tolist()  # stochastic depth ramp
@@ -253,7 +255,20 @@ class Hiera(nn.Module):
         return self.channel_list
 
     def _position_embedding(self, height: int, width: int) -> Tensor:
-        """[1, H, W, C] = bicubic-resized pos_embed + pos_embed_window tiled over the token grid."""
+        """[1, H, W, C] = bicubic-resized pos_embed + pos_embed_window tiled over the token grid.
+
+        Constant for given weights, so computed once per grid (the bicubic resize alone was ~3% of an
+        encoder pass at 512 px); the key holds the parameters' version counters, which every in-place
+        change (load_state_dict, fine-tuning steps) bumps, so new weights are never served stale.
+        """
+        key = (height, width, self.pos_embed.device, self.pos_embed.dtype, self.pos_embed._version,
+               self.pos_embed_window._version,
+               torch.is_grad_enabled())
+        if self._pos_cache is None or self._pos_cache[0] != key:
+            self._pos_cache = (key, self._compute_position_embedding(height, width))
+        return self._pos_cache[1]
+
+    def _compute_position_embedding(self, height: int, width: int) -> Tensor:
         window = self.pos_embed_window  # [1, C, w, w]
         win_h, win_w = window.shape[-2:]
         assert height % win_h == 0 and width % win_w == 0, (

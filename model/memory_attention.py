@@ -150,10 +150,13 @@ class MemoryAttention(nn.Module):
             output = output + 0.1 * curr_pos
 
         if self.batch_first:
-            output = output.transpose(0, 1)  # [B, N, d_model]
-            memory = memory.transpose(0, 1)  # [B, M, kv_dim]
-            curr_pos = None if curr_pos is None else curr_pos.transpose(0, 1)
-            memory_pos = None if memory_pos is None else memory_pos.transpose(0, 1)
+            # Contiguous batch-first copies: with B > 1 the transposed views are strided, and under bf16
+            # autocast a strided Linear input takes another kernel than the B = 1 one (rounding
+            # differently). With B = 1 a contiguous copy holds the same values in the same order.
+            output = output.transpose(0, 1).contiguous()  # [B, N, d_model]
+            memory = memory.transpose(0, 1).contiguous()  # [B, M, kv_dim]
+            curr_pos = None if curr_pos is None else curr_pos.transpose(0, 1).contiguous()
+            memory_pos = None if memory_pos is None else memory_pos.transpose(0, 1).contiguous()
 
         for layer in self.layers:
             extra = {}

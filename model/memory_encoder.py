@@ -90,7 +90,10 @@ class CXBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, C, H, W] -> [B, C, H, W]
         residual = x
         x = self.norm(self.dwconv(x))
-        x = x.permute(0, 2, 3, 1)  # [B, H, W, C]
+        # Contiguous channels-last rows, so the pointwise Linear layers run as one matrix product. In fp32
+        # that is what Linear made of the permuted view anyway (same numbers); under bf16 autocast a
+        # permuted view went through a batched product with the weight copied once per image row.
+        x = x.permute(0, 2, 3, 1).contiguous()  # [B, H, W, C]
         x = self.pwconv2(self.act(self.pwconv1(x)))
         if self.gamma is not None:
             x = x * self.gamma

@@ -138,7 +138,10 @@ class SAM2Model(nn.Module):
 
     @torch.inference_mode()
     def encode(self, frames: torch.Tensor | np.ndarray) -> list[FrameEmbedding]:
-        """One image-encoder forward pass for a batch of frames from any streams."""
+        """One image-encoder forward pass for a batch of frames from any streams.
+
+        The embeddings are float32 in either precision (they travel between processes as numpy arrays).
+        """
         if self.image_encoder is None:
             raise RuntimeError("this model copy was built without its image encoder (tracking only); "
                                "build it with with_image_encoder=True to encode frames")
@@ -148,7 +151,8 @@ class SAM2Model(nn.Module):
             s0 = self.sam_mask_decoder.conv_s0(fpn[0])  # [B, C/8, S/4, S/4]
             s1 = self.sam_mask_decoder.conv_s1(fpn[1])  # [B, C/4, S/8, S/8]
         # Embeddings leave as float32 whatever the precision: they cross processes as numpy, which has no
-        # bfloat16. Under "bf16" the values are bf16-rounded (the cast back to float32 is exact).
+        # bfloat16. Under "bf16" they were computed under bf16 autocast (the high-res maps are bf16 values;
+        # the top level adds the FPN's float32 top-down path, as in the official model).
         s0, s1, top = s0.float(), s1.float(), fpn[2].float()
         return [FrameEmbedding(high_res_feats=(s0[i], s1[i]), image_embed=top[i]) for i in range(x.shape[0])]
 
