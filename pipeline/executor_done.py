@@ -175,20 +175,26 @@ def _lose_tracker(ex: "Executor", call: "_Call", message: str, out: list) -> Non
             out.append(c.ObjectLost(key, message))
 
 
+def _retire_dead(ex: "Executor", pool: Any, actor: Any) -> tuple[list, list]:
+    """Forget a dead decoder or publisher: its streams (now homeless) and its calls still in flight."""
+    streams = pool.remove_actor(actor)
+    ex.backend.kill(actor)
+    in_flight = [(f, p) for f, p in ex._pending.items() if p.actor is actor]
+    for f, _ in in_flight:
+        del ex._pending[f]
+    return streams, [p for _, p in in_flight]
+
+
 def _lose_decoder(ex: "Executor", call: "_Call", message: str, out: list) -> None:
     actor = call.actor
     if actor not in ex.decoders.actors:
         return
-    streams = ex.decoders.remove_actor(actor)
-    ex.backend.kill(actor)
-    resend = [(f, p) for f, p in ex._pending.items() if p.actor is actor]
-    for f, _ in resend:
-        del ex._pending[f]
+    streams, resend = _retire_dead(ex, ex.decoders, actor)
     for sid in streams:
         if sid not in ex._restartable:
             out.append(c.StreamFailed(sid, f"decoder died: {message}"))
     # Live frames in flight go to a new decoder; file streams failed above.
-    retry = [cmd for _, p in resend if p.kind == "decode" for cmd in p.payload[0] if cmd.stream_id in ex._restartable]
+    retry = [cmd for p in resend if p.kind == "decode" for cmd in p.payload[0] if cmd.stream_id in ex._restartable]
     if call.kind == "decode":
         retry += [cmd for cmd in call.payload[0] if cmd.stream_id in ex._restartable]
     if retry:
@@ -200,11 +206,8 @@ def _lose_publisher(ex: "Executor", call: "_Call", message: str, out: list) -> N
     actor = call.actor
     if actor not in ex.publishers.actors:
         return
-    streams = ex.publishers.remove_actor(actor)
-    ex.backend.kill(actor)
-    calls = [call] + [p for f, p in list(ex._pending.items()) if p.actor is actor]
-    for f in [f for f, p in ex._pending.items() if p.actor is actor]:
-        del ex._pending[f]
+    streams, in_flight = _retire_dead(ex, ex.publishers, actor)
+    calls = [call] + in_flight
     again: list[Any] = []
     for sid in streams:
         if sid in ex._restartable and sid in ex._publisher_info:

@@ -239,3 +239,49 @@ def test_late_prompt_at_the_oldest_buffered_frame_is_not_evicted_under_it():
         assert np.array_equal(o.masks[1], ref[o.record.frame_idx])
     assert len(ses._streams["cam"].state.ring) <= 4 + 1
     ses.shutdown()
+
+
+def _jpeg(rgb):
+    from masklet.actors.payloads import EncodedImage
+    from masklet.pipeline.kafka.codec import encode_jpeg
+
+    return EncodedImage(encode_jpeg(rgb, quality=95), "image/jpeg", rgb.shape[1], rgb.shape[0])
+
+
+def test_live_publisher_and_decoder_deaths_lose_no_frame():
+    """Live streams have no files to lose: a dead publisher or decoder is replaced, the calls it had
+    in flight are sent again, and every frame still gets exactly one record, in order."""
+    ses, backend = session(max_in_flight=2)
+    ses.open_stream("cam", W, H)
+    ses.submit_prompt(add("cam", 1, 0))
+    outs = []
+    for i in range(12):
+        ses.submit_frame("cam", i, i / 25, _jpeg(FRAMES[i]), token=i)  # decoded in a decoder actor
+        if i == 4:
+            backend.kill(ses.executor.publishers.actor_of("cam"))
+        if i == 8:
+            backend.kill(ses.executor.decoders.actor_of("cam"))
+        outs += ses.poll(1.0)
+    outs += drain(ses, 10)
+    assert [o.record.frame_idx for o in outs] == list(range(12))
+    assert [o.tokens for o in outs] == [(i,) for i in range(12)]
+    assert all(o.record.objects for o in outs)
+    assert any("publisher died" in e for e in ses.events) and any("decoder died" in e for e in ses.events)
+    ses.shutdown()
+
+
+def test_an_undecodable_live_frame_is_a_failure_output_and_the_stream_goes_on():
+    from masklet.actors.payloads import EncodedImage
+
+    ses, _ = session()
+    ses.open_stream("cam", W, H)
+    outs = []
+    for i in range(4):
+        image = EncodedImage(b"\xff\xd8\xff broken", "image/jpeg", W, H) if i == 2 else _jpeg(FRAMES[i])
+        ses.submit_frame("cam", i, i / 25, image, token=i)
+        outs += ses.poll(1.0)
+    outs += drain(ses, 5)
+    assert [(o.tokens, o.record is None) for o in outs] == [((0,), False), ((1,), False), ((2,), True), ((3,), False)]
+    assert "undecodable" in outs[2].failure
+    assert ses.stats_snapshot().value("masklet_frames_dropped_total", reason="undecodable") == 1
+    ses.shutdown()

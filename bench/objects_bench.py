@@ -1,0 +1,273 @@
+"""Objects as rows: what the pipeline itself costs, per frame and per object (issue "objects as rows").
+
+    .venv/bin/python bench/objects_bench.py [--only ceiling,objects,archive,real,publish]
+
+Every ratio is measured side by side in this one run, on this machine:
+  ceiling  A null model (SAM 2's API, no compute: masklet.model.null_model) through the Ray pipeline,
+           2 streams x 8 objects of the shared 720p clips, vs ONE process doing the least work per
+           frame: PyAV decode, then per object a full-resolution mask -> pycocotools RLE, toBbox, area
+           and JSON. Steady-state frames/s (after the first record) and start-up (to the first record).
+           Goals: >= 1.5x the loop on 2 cores, start-up <= 5 s whatever the object count.
+  objects  `masklet segment` (subprocess) on one clip, 20 frames, tiny at 256 px (random weights) with
+           1, 8 and 32 objects: peak PSS of the whole process tree (CLI + Ray), wall time, time to the
+           first record, tracker processes. Goal: <= 25 MB and <= 0.1 s of start-up per extra object.
+  archive  20 clips of 30 frames (cut from the shared clips), 2 objects each, `masklet segment DIR`
+           vs the same model calls in a plain loop. Goal: >= 0.9.
+  real     2 streams x 4 objects, tiny at 256 px, 30 frames: the Ray pipeline vs a plain loop. Goal >= 1.0.
+  publish  Publishing cost per object per 720p frame (low-res logits -> RLE, bbox, area, record JSON),
+           on masks of the real model, vs full-resolution upsampling + pycocotools + np.nonzero.
+           Target <= 1.5 ms.
+Writes bench/results/objects_bench.json with the machine described.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+from bench_common import clips, machine, plain_loop  # noqa: E402
+from memory_probe import MemorySampler  # noqa: E402
+
+from masklet.actors.backend import RayBackend  # noqa: E402
+from masklet.actors.payloads import ModelSpec  # noqa: E402
+from masklet.actors.sinks import JsonlOutputs  # noqa: E402
+from masklet.actors.sources import open_source  # noqa: E402
+from masklet.model.types import Prompt  # noqa: E402
+from masklet.pipeline.engine import Engine, StreamSpec  # noqa: E402
+from masklet.pipeline.engine_types import EngineConfig  # noqa: E402
+from masklet.pipeline.executor_config import ExecutorConfig  # noqa: E402
+
+NULL = ModelSpec("null", None, 256, "cpu", factory="masklet.model.null_model:build_null_model")
+TINY = ModelSpec("sam2.1_hiera_tiny", None, 256, "cpu")
+
+
+def object_points(n: int, width: int = 1280, height: int = 720) -> list[tuple[float, float]]:
+    """n prompt points spread over a grid of the frame."""
+    cols = int(np.ceil(np.sqrt(n)))
+    return [((i % cols + 0.5) * width / cols, (i // cols + 0.5) * height / cols) for i in range(n)]
+
+
+def objects_for(n: int) -> dict:
+    return {i + 1: {0: Prompt(points=[list(p)], labels=[1])} for i, p in enumerate(object_points(n))}
+
+
+# -- ceiling ---------------------------------------------------------------------------------------
+
+
+def least_work_loop(paths, n_objects: int, frames: int) -> dict:
+    """One process, the least work per frame: decode, then per object RLE/bbox/area/JSON of a
+    full-resolution mask (the same blob masks the null model's trackers give)."""
+    from pycocotools import mask as coco
+
+    from masklet.actors.masks import upsample_logits
+    from masklet.model.null_model import NullModel
+
+    model = NullModel(image_size=NULL.image_size)
+    masks = []
+    for x, y in object_points(n_objects):
+        t = model.new_tracker((720, 1280))
+        low = t.step(0, None, Prompt(points=[[x, y]], labels=[1])).low_res_logits[0].numpy()
+        masks.append(upsample_logits(low, (720, 1280)) > 0)
+    start, count = time.perf_counter(), 0
+    for path in paths:
+        with open_source(str(path), max_frames=frames) as source:
+            for frame in source.frames():
+                objects = []
+                for oid, mask in enumerate(masks, 1):
+                    rle = coco.encode(np.asfortranarray(mask.astype(np.uint8)))
+                    bbox = [int(v) for v in coco.toBbox(rle)]
+                    objects.append({"object_id": oid, "rle": {"size": [720, 1280], "counts": rle["counts"].decode()},
+                                    "bbox": bbox, "area": int(coco.area(rle)), "score": 1.0, "iou": 0.9})
+                json.dumps({"stream_id": path.stem, "frame_idx": frame.frame_idx, "objects": objects}).encode()
+                count += 1
+    wall = time.perf_counter() - start
+    return {"frames": count, "wall_s": round(wall, 2), "fps": round(count / wall, 2)}
+
+
+def pipeline(model: ModelSpec, paths, objects: dict, frames: int, out: Path, **executor) -> dict:
+    """The Ray engine on the clips; steady state is timed from the first record on."""
+    marks: dict = {}
+
+    def progress(outcome):
+        now = time.perf_counter()
+        marks.setdefault("first", now)
+        marks["published"] = marks.get("published", 0) + 1
+        marks["last"] = now
+
+    config = EngineConfig(executor=ExecutorConfig(max_batch_size=4, max_wait_ms=5, **executor))
+    backend = RayBackend(init_kwargs={"num_cpus": os.cpu_count()})
+    try:
+        start = time.perf_counter()
+        engine = Engine(backend, model, config, on_progress=progress)
+        specs = [StreamSpec(p.stem, functools.partial(open_source, str(p), max_frames=frames), objects,
+                            JsonlOutputs(str(out)), bidirectional=False) for p in paths]
+        report = engine.run(specs)
+        wall = time.perf_counter() - start
+        engine.shutdown()
+    finally:
+        backend.shutdown()
+    total = sum(o.frames_published for o in report.streams.values())
+    steady = (total - 1) / (marks["last"] - marks["first"]) if total > 1 else 0.0
+    return {"frames": total, "wall_s": round(wall, 2), "startup_s": round(marks["first"] - start, 2),
+            "steady_fps": round(steady, 2), "fps_overall": round(total / wall, 2),
+            "failed": {k: o.error for k, o in report.streams.items() if not o.ok},
+            "tracker_processes": len([n for n in report.actors if n.startswith("tracker")]),
+            "tracker_batch_sizes": {str(k): v for k, v in sorted(report.tracker_batch_sizes.items())},
+            "encoder_batch_sizes": {str(k): v for k, v in sorted(report.batch_sizes.items())}}
+
+
+def bench_ceiling(paths, scratch: Path, frames: int) -> dict:
+    loop = least_work_loop(paths, 8, frames)
+    print(f"least-work loop: {loop['fps']} frames/s")
+    pipe = pipeline(NULL, paths, objects_for(8), frames, scratch / "ceiling")
+    ratio = pipe["steady_fps"] / loop["fps"]
+    print(f"null-model pipeline: steady {pipe['steady_fps']} frames/s, start-up {pipe['startup_s']} s "
+          f"-> {ratio:.2f}x the loop (goal >= 1.5x, start-up <= 5 s)")
+    return {"loop": loop, "pipeline": pipe, "ratio": round(ratio, 3)}
+
+
+# -- cost per object ---------------------------------------------------------------------------------
+
+
+def segment_cli(inputs: list[str], out: Path, extra: list[str]) -> dict:
+    """`masklet segment` in a subprocess: wall time, time to its first record, peak PSS of the tree."""
+    cmd = [sys.executable, "-m", "masklet.deploy.cli", "segment", *inputs, "--out", str(out), "--no-preview",
+           "--no-mask-videos", "--checkpoint", "random", *extra]
+    first = {}
+
+    def records() -> int:
+        files = list(out.glob("*/masklets.jsonl"))
+        n = sum(f.read_bytes().count(b"\n") for f in files if f.exists())
+        if n and "t" not in first:
+            first["t"] = time.perf_counter()
+        return n
+
+    start = time.perf_counter()
+    with MemorySampler(records, interval_s=0.5) as sampler:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"segment failed ({proc.returncode}): {proc.stderr[-2000:]}")
+    peaks = [sum(r["pss_mb"] for r in s.values()) for _, _, s in sampler.samples]
+    procs = [sum(r["processes"] for r in s.values()) for _, _, s in sampler.samples]
+    trackers = [line for line in proc.stdout.splitlines() if "tracker steps" in line]
+    return {"wall_s": round(wall, 2), "first_record_s": round(first.get("t", start + wall) - start, 2),
+            "peak_pss_mb": round(max(peaks), 1), "peak_processes": max(procs), "summary": trackers}
+
+
+def bench_objects(clip: Path, scratch: Path) -> dict:
+    rows = {}
+    for n in (1, 8, 32):
+        points = [f"{x:.0f},{y:.0f}" for x, y in object_points(n)]
+        extra = ["--image-size", "256", "--max-frames", "20"] + [a for p in points for a in ("--point", p)]
+        rows[n] = segment_cli([str(clip)], scratch / f"objects{n}", extra)
+        print(f"{n:>2} objects: wall {rows[n]['wall_s']} s, first record {rows[n]['first_record_s']} s, "
+              f"peak PSS {rows[n]['peak_pss_mb']} MB over {rows[n]['peak_processes']} processes")
+    per = {f"1->{n}": {"pss_mb_per_object": round((rows[n]["peak_pss_mb"] - rows[1]["peak_pss_mb"]) / (n - 1), 2),
+                       "first_record_s_per_object": round((rows[n]["first_record_s"] - rows[1]["first_record_s"])
+                                                          / (n - 1), 3),
+                       "wall_s_per_object": round((rows[n]["wall_s"] - rows[1]["wall_s"]) / (n - 1), 3)}
+           for n in (8, 32)}
+    print(f"per extra object: {per} (goal <= 25 MB, <= 0.1 s of start-up)")
+    return {"runs": {str(k): v for k, v in rows.items()}, "per_extra_object": per}
+
+
+# -- archive ---------------------------------------------------------------------------------------------
+
+
+def cut_clips(paths, folder: Path, count: int = 20, frames: int = 30) -> list[Path]:
+    """`count` H.264 clips of `frames` frames each, cut from the shared clips at different offsets."""
+    import av
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(count):
+        src = paths[i % len(paths)]
+        offset = (i // len(paths)) * frames
+        dst = folder / f"clip{i:02d}.mp4"
+        with open_source(str(src), max_frames=offset + frames) as source, av.open(str(dst), "w") as container:
+            stream = container.add_stream("libx264", rate=30)
+            stream.width, stream.height, stream.pix_fmt = 1280, 720, "yuv420p"
+            for frame in source.frames():
+                if frame.frame_idx >= offset:
+                    for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame.rgb),
+                                                                           format="rgb24")):
+                        container.mux(packet)
+            for packet in stream.encode():
+                container.mux(packet)
+        out.append(dst)
+    return out
+
+
+def bench_archive(paths, scratch: Path) -> dict:
+    clip_paths = cut_clips(paths, scratch / "archive")
+    points = object_points(2)
+    loop = plain_loop(TINY, clip_paths, points, frames=30)
+    print(f"archive plain loop: {loop['frames']} frames in {loop['wall_s']} s")
+    extra = ["--image-size", "256"] + [a for x, y in points for a in ("--point", f"{x:.0f},{y:.0f}")]
+    cli = segment_cli([str(scratch / "archive")], scratch / "archive-out", extra)
+    ratio = loop["wall_s"] / cli["wall_s"]
+    print(f"masklet segment DIR: {cli['wall_s']} s -> {ratio:.2f}x the loop's speed (goal >= 0.9)")
+    return {"clips": len(clip_paths), "frames_per_clip": 30, "objects_per_clip": 2, "loop": loop,
+            "segment_cli": cli, "ratio": round(ratio, 3)}
+
+
+# -- real model -----------------------------------------------------------------------------------------
+
+
+def bench_real(paths, scratch: Path) -> dict:
+    points = object_points(4)
+    loop = plain_loop(TINY, paths, points, frames=30)
+    pipe = pipeline(TINY, paths, objects_for(4), 30, scratch / "real")
+    ratio = loop["wall_s"] / pipe["wall_s"]
+    print(f"real model 2x4: loop {loop['wall_s']} s, pipeline {pipe['wall_s']} s -> {ratio:.2f}x (goal >= 1.0)")
+    return {"loop": loop, "pipeline": pipe, "ratio": round(ratio, 3)}
+
+
+# -- publishing ----------------------------------------------------------------------------------------
+
+
+def bench_publish(paths) -> dict:
+    from publish_cost import measure
+
+    result = measure(paths[0])
+    print(f"publishing per object per 720p frame (object of 20% of the frame): {result['ours_ms']:.3f} ms (was {result['full_res_ms']:.3f} ms "
+          f"with full-resolution logits + pycocotools + np.nonzero; target <= 1.5 ms)")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", default="publish,ceiling,objects,archive,real")
+    parser.add_argument("--frames", type=int, default=150, help="frames per clip for the ceiling run")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "objects_bench.json")
+    args = parser.parse_args()
+    paths = clips()[:2]
+    scratch = Path(tempfile.mkdtemp(prefix="masklet-objects-"))
+    result: dict = {"machine": machine(), "note": "2 cores shared with whatever else ran; ratios are side by side"}
+    if args.out.exists():  # keep the sections this run does not redo
+        result = {**json.loads(args.out.read_text()), **result}
+    steps = {"publish": lambda: bench_publish(paths), "ceiling": lambda: bench_ceiling(paths, scratch, args.frames),
+             "objects": lambda: bench_objects(paths[0], scratch), "archive": lambda: bench_archive(clips(), scratch),
+             "real": lambda: bench_real(paths, scratch)}
+    for name in args.only.split(","):
+        print(f"== {name}", flush=True)
+        result[name] = steps[name]()
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
