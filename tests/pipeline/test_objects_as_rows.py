@@ -140,3 +140,26 @@ def test_real_model_batched_steps_equal_one_by_one(video_paths, tmp_path):
         assert len(a) == 18 and a.keys() == b.keys()
         differing = {k: int((a[k] != b[k]).sum()) for k in a if not np.array_equal(a[k], b[k])}
         assert not differing, f"{p.stem}: pixels differing per (frame, object): {differing}"
+
+
+class OpenCounter(InProcessBackend):
+    """Tracks how many sources are open on decoders at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.open_now = self.peak = 0
+
+    def call(self, actor, method, *args, num_returns=1):
+        if actor.name.startswith("decoder") and method in ("open", "close"):
+            self.open_now += 1 if method == "open" else -1
+            self.peak = max(self.peak, self.open_now)
+        return super().call(actor, method, *args, num_returns=num_returns)
+
+
+def test_an_archive_opens_its_inputs_a_few_at_a_time(tmp_path):
+    backend = OpenCounter()
+    report = Engine(backend, FAKE, engine_cfg(max_batch_size=4, max_wait_ms=0, max_active_streams=2)).run(
+        streams(tmp_path, n_streams=5, n_objects=1, frames=6))
+    assert all(o.ok and o.frames_published == 6 for o in report.streams.values())
+    assert backend.peak == 2 and backend.open_now == 0
+    assert len(tracker_actors(backend)) == 1  # the same tracker process served all five inputs

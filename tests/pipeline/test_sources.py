@@ -198,3 +198,19 @@ def test_copy_of_clip_decodes(tmp_path, video_paths):
     copy = tmp_path / "copy of clip.mp4"
     shutil.copy(video_paths[1], copy)
     assert len(list(open_source(f"file://{copy}", max_frames=2).frames())) == 2
+
+
+def test_an_archive_folder_stands_for_its_videos_and_an_image_folder_for_itself(tmp_path):
+    from masklet.actors.sources import expand_inputs
+
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    for name in ("b.mp4", "a.MOV", "notes.txt"):
+        (archive / name).write_bytes(b"x")
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "0001.jpg").write_bytes(b"x")
+    (images / "clip.mp4").write_bytes(b"x")  # a folder with images is an image sequence
+    url = "rtsp://camera/stream"
+    assert expand_inputs([str(archive), str(images), url]) == [str(archive / "a.MOV"), str(archive / "b.mp4"),
+                                                                str(images), url]
