@@ -67,6 +67,9 @@ class Intake:
         self.held_prompts: dict[str, list[HeldPrompt]] = {}        # by stream id, oldest first
         self.prompt_waits: dict[str, list[tuple[int, tuple[str, int], int]]] = {}
         self.partition_streams: dict[int, set[str]] = {}           # frames partition -> streams read there
+        # Streams this runner opened (it alone opens them): asking the session would take its lock,
+        # which in-process actors hold for a whole model step.
+        self.streams: set[str] = set()
         self._takes_lost = "lost_before" in inspect.signature(runner.session.submit_frame).parameters
         self._takes_published_until = "published_until" in inspect.signature(runner.session.open_stream).parameters
 
@@ -159,7 +162,7 @@ class Intake:
 
     def _open(self, frame: AcceptedFrame, record: Any) -> bool:
         r = self.r
-        if frame.stream_id in r.session.streams():
+        if frame.stream_id in self.streams:
             return True
         outcome = r.resumer.plan(frame.stream_id, frame.frame_idx) if r.resumer is not None else None
         try:
@@ -171,6 +174,7 @@ class Intake:
             r.stats.inc("masklet_frames_dropped_total", reason="too_many_streams")
             return False
         r.report.streams.add(frame.stream_id)
+        self.streams.add(frame.stream_id)
         if outcome is not None:
             r.resume_objects(outcome)
         for held in self.held_prompts.pop(frame.stream_id, []):
@@ -202,7 +206,7 @@ class Intake:
             r.publisher.send(record.topic, record.value, prompt.stream_id.encode(), r.rerouter.forward_headers(record),
                              Settle(((tp, record.offset),), forwarded_prompt=True),
                              **r.rerouter.forward_target(record, prompt.stream_id, "prompts"))
-        elif prompt.stream_id in r.session.streams():
+        elif prompt.stream_id in self.streams:
             self.submit_prompt(prompt, record)
         else:
             # Its stream's first frame may simply not be here yet: after a restart or a rebalance

@@ -136,7 +136,7 @@ class KafkaRunner:
 
     def _drained(self) -> bool:
         return (not self.intake.buffered() and self.publisher.idle() and not self.producer.unacked
-                and not any(self.session.status(s).lag_frames for s in self.session.streams()))
+                and not any(self.session.status(s).lag_frames for s in self.intake.streams))
 
     def step(self) -> bool:
         """One iteration: fetch, order, validate, submit; settle acks, commit (the session and the
@@ -169,7 +169,7 @@ class KafkaRunner:
         return bool(records or released or settled)
 
     def _poll_timeout_ms(self) -> int:
-        if not self.session.streams() and not self.order.waiting():
+        if not self.intake.streams and not self.order.waiting():
             return 200
         timeout = self.profile.poll_timeout_ms
         if self.order.waiting() or self.reorder.held():
@@ -248,9 +248,23 @@ class KafkaRunner:
         positions = self.book.to_commit()
         if not positions:
             return
-        try:
-            self.consumer.commit({TopicPartition(t, p): OffsetAndMetadata(pos, "", -1)
-                                  for (t, p), pos in positions.items()})
+        offsets = {TopicPartition(t, p): OffsetAndMetadata(pos, "", -1) for (t, p), pos in positions.items()}
+        if not force:
+            # In the loop: asynchronous, so a commit round trip never holds up the next frame.
+            def done(_offsets: Any, response: Any) -> None:
+                if isinstance(response, Exception):
+                    log.warning("offset commit failed (%s); will retry", response)
+                else:
+                    self.book.committed(positions)
+                    self.report.commits += 1
+
+            try:
+                self.consumer.commit_async(offsets, callback=done)
+            except Exception as exc:  # noqa: BLE001 - a failed commit only means more replay after a crash
+                log.warning("offset commit failed (%s); will retry", exc)
+            return
+        try:  # closing or revoked: the commit must be in before the partitions move on
+            self.consumer.commit(offsets)
         except Exception as exc:  # noqa: BLE001 - a failed commit only means more replay after a crash
             log.warning("offset commit failed (%s); will retry", exc)
             return
