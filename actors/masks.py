@@ -166,9 +166,10 @@ def positive_window(low: np.ndarray, out_size: tuple[int, int]) -> tuple[slice, 
     return slice(int(ys[0]), int(ys[-1]) + 1), slice(int(xs[0]), int(xs[-1]) + 1)
 
 
-# Above this share of mixed cells (the outline) in the window, a ragged mask (random weights, noise)
-# is cheaper to threshold in full at video size with torch's vectorised kernel than pixel by pixel.
-OUTLINE_LIMIT = 0.2
+# When the outline's pixels (those computed one by one) would exceed this share of the frame, a
+# ragged mask (random weights, noise) is cheaper to threshold in full at video size with torch's
+# vectorised kernel. Trained SAM 2 masks are smooth: their outline is a thin band.
+OUTLINE_LIMIT = 0.1
 
 
 def summarize_mask(low: np.ndarray, out_size: tuple[int, int], kernel: Optional[str] = None) -> MaskSummary:
@@ -181,12 +182,14 @@ def summarize_mask(low: np.ndarray, out_size: tuple[int, int], kernel: Optional[
         return MaskSummary((height, width), _empty_counts(height, width), (0, 0, 0, 0), 0)
     ys, xs = window
     exact_here = _resolve(kernel, low.shape, (height, width)) is _Kernel.FUSED
-    if exact_here and (_outline_share(low, ys, xs, (height, width)) <= OUTLINE_LIMIT or not _has_torch()):
+    if exact_here and (_outline_pixels(low, ys, xs, (height, width)) <= OUTLINE_LIMIT * height * width
+                       or not _has_torch()):
         crop_t = _threshold_by_cells(low, ys, xs, (height, width))
         return _summary_from_columns(crop_t, ys.start, xs.start, height, width)
     return _summary_full(low, (height, width))
 
 
+@functools.lru_cache(maxsize=1)
 def _has_torch() -> bool:
     try:
         import torch  # noqa: F401
@@ -195,8 +198,9 @@ def _has_torch() -> bool:
     return True
 
 
-def _outline_share(low: np.ndarray, ys: slice, xs: slice, out_size: tuple[int, int]) -> float:
-    """Share of the window's low-res cells whose corners differ in sign (their pixels are computed one by one)."""
+def _outline_pixels(low: np.ndarray, ys: slice, xs: slice, out_size: tuple[int, int]) -> float:
+    """About how many output pixels fall in the window's low-res cells whose corners differ in sign
+    (those pixels are computed one by one)."""
     ay, ax = _axis(low.shape[0], out_size[0]), _axis(low.shape[1], out_size[1])
     r0, r1 = int(ay.i0[ys.start]), int(ay.i1[ys.stop - 1])
     c0, c1 = int(ax.i0[xs.start]), int(ax.i1[xs.stop - 1])
@@ -206,7 +210,8 @@ def _outline_share(low: np.ndarray, ys: slice, xs: slice, out_size: tuple[int, i
     corners = (positive[:-1, :-1], positive[1:, :-1], positive[:-1, 1:], positive[1:, 1:])
     all_pos = corners[0] & corners[1] & corners[2] & corners[3]
     any_pos = corners[0] | corners[1] | corners[2] | corners[3]
-    return float(np.mean(any_pos & ~all_pos))
+    cell_pixels = (out_size[0] / low.shape[0]) * (out_size[1] / low.shape[1])
+    return float(np.count_nonzero(any_pos & ~all_pos)) * cell_pixels
 
 
 def _summary_full(low: np.ndarray, out_size: tuple[int, int]) -> MaskSummary:

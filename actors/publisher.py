@@ -99,10 +99,11 @@ class PublisherActor:
         record = build_record(meta, results, stream.info.model_name, summaries)
         errors = []
         if stream.sinks:
-            masks = {r.object_id: s.to_mask() for r, s in zip(results, summaries)}
+            # Masks are decoded from the record by the sinks that draw pixels (FrameOutput.mask_of);
+            # a JSONL sink never pays for them.
             logits = ({r.object_id: upsample_logits(r.low_res_logits, size, kernel) for r in results}
                       if stream.info.soft_masks else {})
-            frame = FrameOutput(record, rgb, masks, logits)
+            frame = FrameOutput(record, rgb, {}, logits)
             for i, sink in enumerate(stream.sinks):
                 if i in stream.failed:
                     continue

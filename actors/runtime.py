@@ -4,6 +4,12 @@ from __future__ import annotations
 import os
 import sys
 
+# Passive OpenMP waits in every stage process: an encoder spinning at its barriers while trackers
+# and publishers need the cores wastes CPU. libgomp reads this when torch loads it, and actor
+# modules import this one before torch. (Set here rather than as a Ray runtime_env: an actor with
+# its own runtime_env cannot start on a prestarted worker, which costs seconds of start-up.)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 def limit_threads(num_threads: int | None) -> None:
     """Cap intra-op threads: many actors on few cores must not each spawn one thread per core."""

@@ -95,20 +95,23 @@ class Executor:
 
     def start(self) -> ActorHandle:
         """Start the encoder now (it loads the model: seconds), instead of on the first frame."""
-        if self.encoder is None and self.config.colocate:
-            cfg = self.config
+        if self.encoder is not None:
+            return self.encoder
+        cfg = self.config
+        if cfg.colocate:
             self.encoder = self.backend.spawn(
                 "shard", ShardActor, self.model, self._threads(cfg.encoder_threads), cfg.shard_cache_frames,
                 cfg.max_batch_size, options=ActorOptions(num_cpus=0, num_gpus=cfg.encoder_gpus + cfg.tracker_gpus,
-                                                         env=(("OMP_WAIT_POLICY", "PASSIVE"),),
                                                          resources=cfg.encoder_resources))
-        elif self.encoder is None:
-            cfg = self.config
+        else:
             self.encoder = self.backend.spawn(
                 "encoder", EncoderActor, self.model, self._threads(cfg.encoder_threads),
-                # passive OpenMP waits: spinning at barriers while trackers hold a core wastes CPU
-                options=ActorOptions(num_cpus=0, num_gpus=cfg.encoder_gpus, env=(("OMP_WAIT_POLICY", "PASSIVE"),),
-                                     resources=cfg.encoder_resources))
+                options=ActorOptions(num_cpus=0, num_gpus=cfg.encoder_gpus, resources=cfg.encoder_resources))
+        if self.backend.separate_processes:
+            # One of each stage starts now, side by side: otherwise each starts only once the stage
+            # before it has produced something, and their start-ups add up.
+            for pool in (self.decoders, self.publishers) + (() if cfg.colocate else (self.trackers,)):
+                pool.warm()
         return self.encoder
 
     def _spawn_tracker(self, name: str) -> ActorHandle:

@@ -61,6 +61,11 @@ class ActorPool(Generic[M]):
         self._slots.append(slot)
         return slot
 
+    def warm(self) -> None:
+        """Start the pool's first actor ahead of its first member."""
+        if not self._slots:
+            self._slots.append(_Slot(self._spawn(f"{self.role}-{next(self._names)}")))
+
     def actor_of(self, member: M) -> Optional[ActorHandle]:
         slot = self._where.get(member)
         return None if slot is None else slot.actor
