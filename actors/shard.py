@@ -39,7 +39,7 @@ class ShardActor(TrackerActor):
                  max_batch_size: int = 8) -> None:
         # One full model copy serves encoder and trackers alike: they share the device.
         threads = num_threads or (usable_cores() if in_actor_process() else None)
-        super().__init__(spec, threads, model=spec.build())
+        super().__init__(spec, threads, model=spec.build(), max_step_batch=max_batch_size)
         self.cache: OrderedDict[tuple[str, int], Any] = OrderedDict()
         self.cache_frames, self.max_batch_size = cache_frames, max_batch_size
         self.encoder_batch_sizes: dict[int, int] = {}

@@ -179,8 +179,12 @@ def to_result(key: ObjectKey, mask_result: Any, video_size: tuple[int, int]) -> 
 class TrackerActor:
     """Hosts objects; see the module docstring. `num_threads` caps intra-op threads (1 per actor on CPU)."""
 
-    def __init__(self, spec: ModelSpec, num_threads: int | None = 1, *, model: Any = None) -> None:
+    def __init__(self, spec: ModelSpec, num_threads: int | None = 1, *, model: Any = None,
+                 max_step_batch: int = 8) -> None:
         limit_threads(num_threads)
+        # Objects per forward pass: a pass's activations grow with it, and the allocator keeps its peak,
+        # so this bounds a tracker process's memory whatever its object count.
+        self.max_step_batch = max(1, int(max_step_batch))
         self.model = model if model is not None else spec.build(with_image_encoder=False)
         self.device = _device_of(self.model)
         self.objects: dict[ObjectKey, HostedObject] = {}
@@ -213,6 +217,8 @@ class TrackerActor:
                 flush()
             if isinstance(op, StepObject):
                 batch.append(i)
+                if len(batch) >= self.max_step_batch:
+                    flush()
                 continue
             try:
                 values[i], statuses[i] = self._apply(op, refs, embedding)

@@ -108,6 +108,7 @@ class PipelineSettings(_Section):
     # Placement: objects packed onto one tracker actor process (1 = one process per object), and
     # streams sharing one decoder / publisher actor. Actors are reused across inputs and streams.
     objects_per_tracker: int = Field(16, ge=1, le=10_000)
+    max_step_batch: int = Field(8, ge=1, le=1_000, description="objects per batched tracker forward pass")
     streams_per_decoder: int = Field(4, ge=1, le=1_000)
     streams_per_publisher: int = Field(4, ge=1, le=1_000)
     # Encoder and trackers in one process, embeddings kept on the device: auto = on for CUDA.

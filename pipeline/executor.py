@@ -120,7 +120,7 @@ class Executor:
         cfg = self.config
         self.stats.set("masklet_tracker_actors", len(self.trackers.actors) + 1)
         return self.backend.spawn(name, TrackerActor, self.model, self._threads(cfg.tracker_threads),
-                                  options=ActorOptions(num_gpus=cfg.tracker_gpus, resources=cfg.tracker_resources,
+                                  max_step_batch=cfg.max_step_batch, options=ActorOptions(num_gpus=cfg.tracker_gpus, resources=cfg.tracker_resources,
                                                        spread=cfg.spread))
 
     def _spawn_decoder(self, name: str) -> ActorHandle:

@@ -29,6 +29,7 @@ class ExecutorConfig:
     max_wait_ms: float = 10.0          # how long a partial batch may wait for more frames
     encoder_queue_depth: int = 2       # batches submitted ahead, so the encoder never idles
     objects_per_tracker: int = 16      # objects packed onto one tracker actor (1: one actor per object)
+    max_step_batch: int = 8            # objects per batched tracker step (bounds a pass's activation memory)
     streams_per_decoder: int = 4       # streams sharing one decoder actor
     streams_per_publisher: int = 4     # streams sharing one publisher actor
     encoder_threads: Optional[int] = None  # None: every core the encoder process may use
@@ -50,6 +51,7 @@ class ExecutorConfig:
 
     def __post_init__(self) -> None:
         require_bounds(self, at_least_one=("max_batch_size", "encoder_queue_depth", "objects_per_tracker",
+                                           "max_step_batch",
                                            "streams_per_decoder", "streams_per_publisher", "max_pixels",
                                            "shard_cache_frames"),
                        non_negative=("max_wait_ms", "encoder_gpus", "tracker_gpus", "max_encoder_restarts",

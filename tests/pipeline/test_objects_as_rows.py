@@ -163,3 +163,19 @@ def test_an_archive_opens_its_inputs_a_few_at_a_time(tmp_path):
     assert all(o.ok and o.frames_published == 6 for o in report.streams.values())
     assert backend.peak == 2 and backend.open_now == 0
     assert len(tracker_actors(backend)) == 1  # the same tracker process served all five inputs
+
+
+def test_a_tracker_step_pass_carries_at_most_max_step_batch_objects():
+    """Bounded passes bound a tracker process's activation memory, whatever its object count."""
+    from masklet.actors import tracker as tk
+    from masklet.model.null_model import build_null_model
+
+    spec = ModelSpec("null", None, 64, "cpu", factory="masklet.model.null_model:build_null_model")
+    actor = tk.TrackerActor(spec, None, max_step_batch=4)
+    keys = [ObjectKey("s", i) for i in range(10)]
+    embedding = build_null_model(image_size=64).encode([None])[0]
+    ops = [tk.OpenObject(k, (48, 64)) for k in keys]
+    ops += [tk.StepObject(k, tk.FORWARD, 0, 0, point(10 + i, 20)) for i, k in enumerate(keys)]
+    statuses, *_ = actor.run(ops, embedding)
+    assert all(s.error is None for s in statuses)
+    assert actor.batch_sizes == {4: 2, 2: 1}
