@@ -41,3 +41,36 @@ def test_a_bad_factory_is_one_line(video_paths, tmp_path):
     code, err = segment(str(video_paths[0]), "--out", str(tmp_path), "--model-factory", "no_such_module:build",
                         "--model", "x", "--checkpoint", "random", "--point", "1,1", "--backend", "inprocess")
     assert code == 1 and "no_such_module" in err and "Traceback" not in err, err
+
+
+def test_precision_reaches_every_model_copy_of_the_pipeline(video_paths, tmp_path):
+    """--precision bf16 (settings -> ModelSpec -> each actor's build) runs the encoder and the
+    tracker copies in bf16; fp32 stays the default."""
+    import functools
+
+    from masklet.actors.backend import InProcessBackend
+    from masklet.actors.sinks import JsonlOutputs
+    from masklet.actors.sources import open_source
+    from masklet.actors.tracker import ObjectKey
+    from masklet.model.types import Prompt
+    from masklet.pipeline.config import load_settings
+    from masklet.pipeline.configure import engine_config, model_spec
+    from masklet.pipeline.engine import Engine, StreamSpec
+
+    for precision in ("fp32", "bf16"):
+        settings = load_settings(model={"checkpoint": "random", "image_size": 256, "device": "cpu",
+                                        **({"precision": precision} if precision != "fp32" else {})})
+        spec = model_spec(settings)
+        engine = Engine(InProcessBackend(), spec, engine_config(settings, spec))
+        clip = video_paths[0]
+        stream = StreamSpec(clip.stem, functools.partial(open_source, str(clip), max_frames=3),
+                            {1: {0: Prompt(points=[[640, 360]], labels=[1])}}, JsonlOutputs(str(tmp_path / precision)),
+                            bidirectional=False)
+        report = engine.run([stream])
+        assert report.streams[clip.stem].ok and report.streams[clip.stem].frames_published == 3
+        encoder = engine.executor.encoder.impl.instance.model
+        tracker = engine.executor.trackers.actor_of(ObjectKey(clip.stem, 1))
+        assert spec.precision == precision and encoder.precision == precision
+        assert tracker is None or tracker.impl.instance.model.precision == precision
+        for actor in engine.executor.trackers.actors:
+            assert actor.impl.instance.model.precision == precision
