@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from masklet.model import Prompt
-from oracle import compare_logits, official_state, propagate, read_clip
+from oracle import official_state, propagate, read_clip
 from parity import CLICK, N, VIA, assert_all_frames, pair, run_objects, run_official_simple, run_ours
 
 @pytest.fixture(scope="module")
