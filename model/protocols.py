@@ -35,7 +35,7 @@ Tracker (required), one object of one stream:
   last_frame_idx         the most recently stepped frame, None before the first step
 
 The protocols are runtime_checkable, so `isinstance(obj, SegmentationModel)` checks that the members
-exist (not their signatures; tests/model/test_protocols.py compares those for Masklet's own model).
+exist (not their signatures; tests/model/test_model_protocols.py compares those for Masklet's own model).
 """
 from __future__ import annotations
 

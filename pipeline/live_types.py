@@ -92,7 +92,7 @@ Token = Any
 @runtime_checkable
 class LiveSessionAPI(Protocol):
     """What callers (masklet run, the control API, feeders) use of a live session; `LiveSession`
-    implements it, and test doubles are checked against it (tests/pipeline/test_protocols.py)."""
+    implements it, and test doubles are checked against it (tests/pipeline/test_fakes_follow_protocols.py)."""
 
     config: LiveConfig
     on_output: Optional[Callable[[LiveOutput], None]]

@@ -115,3 +115,15 @@ def test_pip_install_gives_one_masklet_package_and_no_top_level_model(tmp_path):
     out = subprocess.run([str(python), "-c", check], check=True, capture_output=True, text=True, cwd=tmp_path,
                          timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert out.stdout.strip().startswith(site), out.stdout
+
+
+def test_test_modules_have_unique_basenames():
+    """pytest imports test modules by basename (no __init__.py under tests/): two files of one name in
+    different folders stop the whole run at collection, as CI once did with two test_protocols.py."""
+    seen: dict[str, Path] = {}
+    clashes = []
+    for path in sorted((REPO / "tests").rglob("test_*.py")):
+        if path.name in seen:
+            clashes.append(f"{seen[path.name].relative_to(REPO)} and {path.relative_to(REPO)}")
+        seen.setdefault(path.name, path)
+    assert not clashes, "test modules sharing a basename: " + "; ".join(clashes)

@@ -1,5 +1,5 @@
 """A LiveSession stand-in for fast API tests: same methods (checked against the LiveSessionAPI
-protocol in tests/pipeline/test_protocols.py), no model.
+protocol in tests/pipeline/test_fakes_follow_protocols.py), no model.
 
 An object's mask is a disc of radius 12 around its points (or its box), on every later frame, so
 tests can see exactly where the overlay must be coloured.
