@@ -31,7 +31,8 @@ class InputLimits:
 
     # Points of one prompt: SAM 2 embeds each as a token; 100,000 stalled every stream for 5 min.
     max_points_per_prompt: int = 64
-    # Objects are one tracker each (a process with the model's memory modules, ~0.3 GB on CPU).
+    # Objects are rows of pooled tracker actors, ~21 MB each (bench/results/objects_bench.json), but
+    # each costs a memory-attention pass per frame: these bound the work one stream or run can buy.
     max_objects_per_stream: int = 16
     max_objects_per_run: int = 64
     max_object_id: int = 1_000_000

@@ -34,6 +34,12 @@ Tracker (required), one object of one stream:
   memory_bytes()         bytes held by the object's memory (for monitoring; must stay flat)
   last_frame_idx         the most recently stepped frame, None before the first step
 
+What the pipeline publishes from a MaskResult: the mask is bilinear(low_res_logits -> video_size,
+align_corners=False) > 0, computed by the publisher actors from the low-resolution logits (they never
+see full-resolution tensors). So a plug-in model must express its masks as low-resolution logits
+([1, h, w]); MaskResult's explicit `logits=` serves in-process callers only and is not what
+the pipeline publishes.
+
 The protocols are runtime_checkable, so `isinstance(obj, SegmentationModel)` checks that the members
 exist (not their signatures; tests/model/test_model_protocols.py compares those for Masklet's own model).
 """
