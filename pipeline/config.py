@@ -111,6 +111,9 @@ class PipelineSettings(_Section):
     max_step_batch: int = Field(8, ge=1, le=1_000, description="objects per batched tracker forward pass")
     streams_per_decoder: int = Field(4, ge=1, le=1_000)
     streams_per_publisher: int = Field(4, ge=1, le=1_000)
+    # Streams get a publisher of their own until this many exist, then share: publishing is the
+    # CPU-heaviest per-stream stage, so two streams on one publisher would use one core.
+    publishers_before_sharing: int = Field(2, ge=1, le=1_000)
     # Encoder and trackers in one process, embeddings kept on the device: auto = on for CUDA.
     colocate: Literal["auto", "on", "off"] = "auto"
 

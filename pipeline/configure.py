@@ -52,6 +52,7 @@ def executor_config(settings: MaskletSettings, model: ModelSpec, **overrides: An
         max_batch_size=ps.max_batch_size, max_wait_ms=ps.max_wait_ms, objects_per_tracker=ps.objects_per_tracker,
         max_step_batch=ps.max_step_batch,
         streams_per_decoder=ps.streams_per_decoder, streams_per_publisher=ps.streams_per_publisher,
+        publishers_before_sharing=ps.publishers_before_sharing,
         encoder_gpus=ENCODER_GPU_SHARE if gpu else 0.0, tracker_gpus=TRACKER_GPU_SHARE if gpu else 0.0,
         max_pixels=ps.max_pixels,
         # On a GPU the encoder and the trackers share one process, so embeddings stay on the device.

@@ -75,7 +75,8 @@ class Executor:
         capacity = 1 << 30 if config.colocate else config.objects_per_tracker
         self.trackers: ActorPool[ObjectKey] = ActorPool("tracker", self._spawn_tracker, capacity)
         self.decoders: ActorPool[str] = ActorPool("decoder", self._spawn_decoder, config.streams_per_decoder)
-        self.publishers: ActorPool[str] = ActorPool("publisher", self._spawn_publisher, config.streams_per_publisher)
+        self.publishers: ActorPool[str] = ActorPool("publisher", self._spawn_publisher, config.streams_per_publisher,
+                                                    spread_first=config.publishers_before_sharing)
         self._pending: dict[Any, _Call] = {}
         self._encoding: list[tuple[int, list, Any]] = []      # (encoder generation, jobs, status future)
         self._epoch: dict[ObjectKey, int] = defaultdict(int)

@@ -32,6 +32,7 @@ class ExecutorConfig:
     max_step_batch: int = 8            # objects per batched tracker step (bounds a pass's activation memory)
     streams_per_decoder: int = 4       # streams sharing one decoder actor
     streams_per_publisher: int = 4     # streams sharing one publisher actor
+    publishers_before_sharing: int = 2  # streams get a publisher of their own until this many exist
     encoder_threads: Optional[int] = None  # None: every core the encoder process may use
     tracker_threads: Optional[int] = 1     # several tracker actors share few cores: one thread each
     encoder_gpus: float = 0.0          # Ray GPU share of the encoder (fractions share one GPU)
@@ -52,7 +53,7 @@ class ExecutorConfig:
     def __post_init__(self) -> None:
         require_bounds(self, at_least_one=("max_batch_size", "encoder_queue_depth", "objects_per_tracker",
                                            "max_step_batch",
-                                           "streams_per_decoder", "streams_per_publisher", "max_pixels",
+                                           "streams_per_decoder", "streams_per_publisher", "publishers_before_sharing", "max_pixels",
                                            "shard_cache_frames"),
                        non_negative=("max_wait_ms", "encoder_gpus", "tracker_gpus", "max_encoder_restarts",
                                      "max_tracker_restarts"))

@@ -51,8 +51,9 @@ def test_objects_pack_onto_one_tracker_actor_and_processes_are_reused_across_inp
     report = Engine(backend, FAKE, engine_cfg(max_batch_size=4, max_wait_ms=0)).run(streams(tmp_path))
     assert all(o.ok for o in report.streams.values())
     assert tracker_actors(backend) == {"tracker-0"}  # 6 objects of 3 inputs, one process
-    assert {name for name, _ in backend.calls if name.startswith(("decoder", "publisher"))} == {"decoder-0",
-                                                                                            "publisher-0"}
+    assert {name for name, _ in backend.calls if name.startswith("decoder")} == {"decoder-0"}
+    # the first two streams get a publisher each (publishers_before_sharing), the third shares one
+    assert {name for name, _ in backend.calls if name.startswith("publisher")} <= {"publisher-0", "publisher-1"}
     # objects of different streams went through one tracker call together
     assert max(report.tracker_batch_sizes) == 1  # the fake model has no step_many: one pass per object
     assert sum(report.tracker_batch_sizes.values()) == sum(len(s.objects) * 12 for s in streams(tmp_path))
@@ -179,3 +180,18 @@ def test_a_tracker_step_pass_carries_at_most_max_step_batch_objects():
     statuses, *_ = actor.run(ops, embedding)
     assert all(s.error is None for s in statuses)
     assert actor.batch_sizes == {4: 2, 2: 1}
+
+
+def test_a_pool_can_spread_its_first_members_before_packing():
+    """Publishers: the first streams get one each (publishing is CPU-bound per stream), later ones share."""
+    spawned = []
+    pool: ActorPool[str] = ActorPool("publisher", lambda name: spawned.append(name) or name, capacity=4,
+                                     spread_first=2)
+    pool.warm()
+    assert [pool.place(s) for s in ("s0", "s1", "s2", "s3")] == ["publisher-0", "publisher-1", "publisher-0",
+                                                                 "publisher-1"]
+    assert spawned == ["publisher-0", "publisher-1"]
+    pool.release("s0")
+    assert pool.place("s4") == "publisher-0"  # room on an existing actor: no third one
+    with pytest.raises(ValueError, match="spread_first"):
+        ActorPool("x", str, capacity=1, spread_first=0)
