@@ -13,7 +13,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--image-size", type=int, help="model input size in pixels, a multiple of 16 (default 1024)")
     group.add_argument("--device", choices=("auto", "cpu", "cuda"), help="default: auto (CUDA when available)")
     group.add_argument("--precision", choices=("fp32", "bf16"),
-                       help="fp32 (exact, the default) or bf16 autocast (faster, measured drift)")
+                       help="fp32 (exact, the default) or bf16 autocast (faster on GPUs and CPUs with native bf16, slower on others; measured drift)")
     group.add_argument("--model-factory", metavar="MODULE:FUNCTION",
                        help="build a SAM 2-compatible model of your own: FUNCTION(name, checkpoint, image_size, "
                             "device, **kwargs) returning an object that follows masklet.model.protocols")
