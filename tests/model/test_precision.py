@@ -1,7 +1,8 @@
 """precision="bf16": float32 embeddings out, masks within the stated drift of fp32; fp32 stays exact.
 
-The drift bound is issue 10's goal, measured at full length by bench/precision_bench.py (60 frames of
-each shared clip at 512 px, bench/results/precision_bench.json); here on 16 frames at 128 px: on a
+The drift bound is issue 10's goal. bench/precision_bench.py measures it at full length (60 frames of
+each shared clip at 512 px; not yet run where bf16 is native, see bench/results/precision_bench.json);
+here on 16 frames at 128 px: on a
 CPU without native bf16 (AVX2 only) bf16 runs ~10x slower than fp32, and 256 px took 266 s there.
 """
 from __future__ import annotations
