@@ -140,10 +140,14 @@ def bench_ceiling(paths, scratch: Path, frames: int) -> dict:
 # -- cost per object ---------------------------------------------------------------------------------
 
 
+def segment_command(inputs: list[str], out: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "masklet.deploy.cli", "segment", *inputs, "--out", str(out), "--no-preview",
+            "--no-mask-videos", "--checkpoint", "random", *extra]
+
+
 def segment_cli(inputs: list[str], out: Path, extra: list[str]) -> dict:
     """`masklet segment` in a subprocess: wall time, time to its first record, peak PSS of the tree."""
-    cmd = [sys.executable, "-m", "masklet.deploy.cli", "segment", *inputs, "--out", str(out), "--no-preview",
-           "--no-mask-videos", "--checkpoint", "random", *extra]
+    cmd = segment_command(inputs, out, extra)
     first = {}
 
     def records() -> int:
@@ -173,10 +177,8 @@ def segment_cli(inputs: list[str], out: Path, extra: list[str]) -> dict:
 def first_record_cli(inputs: list[str], out: Path, extra: list[str]) -> dict:
     """`masklet segment` in a subprocess, timed to its first record by a light poll (50 ms, no memory
     sampling: reading every process's smaps would itself load the 2 cores and quantize to 0.5 s)."""
-    cmd = [sys.executable, "-m", "masklet.deploy.cli", "segment", *inputs, "--out", str(out), "--no-preview",
-           "--no-mask-videos", "--checkpoint", "random", *extra]
     start, first = time.perf_counter(), None
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(segment_command(inputs, out, extra), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     while proc.poll() is None:
         if first is None and any(f.stat().st_size for f in out.glob("*/masklets.jsonl")):
             first = time.perf_counter() - start

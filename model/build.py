@@ -1,6 +1,8 @@
 """Assemble a SAM 2 model from its config, the way Meta's YAML configs wire the boxes together."""
 from __future__ import annotations
 
+import functools
+
 import logging
 from pathlib import Path
 from typing import Optional
@@ -134,11 +136,11 @@ def build_model(
     return model.to(resolved).eval()
 
 
+@functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
-    """Whether torch's CPU kernels have bf16 instructions (AVX512-BF16 or AMX); without them, bf16
-    matrix products are emulated and far slower than fp32."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
-        return False
+    """Whether the CPU has bf16 instructions (AVX512-BF16 or AMX), which oneDNN's bf16 matrix products
+    dispatch on; without them those products are emulated and far slower than fp32. Read once per
+    process (every tracker copy builds a model)."""
     try:
         flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
     except (OSError, StopIteration):

@@ -52,9 +52,8 @@ class ExecutorConfig:
 
     def __post_init__(self) -> None:
         require_bounds(self, at_least_one=("max_batch_size", "encoder_queue_depth", "objects_per_tracker",
-                                           "max_step_batch",
-                                           "streams_per_decoder", "streams_per_publisher", "publishers_before_sharing", "max_pixels",
-                                           "shard_cache_frames"),
+                                           "max_step_batch", "streams_per_decoder", "streams_per_publisher",
+                                           "publishers_before_sharing", "max_pixels", "shard_cache_frames"),
                        non_negative=("max_wait_ms", "encoder_gpus", "tracker_gpus", "max_encoder_restarts",
                                      "max_tracker_restarts"))
 

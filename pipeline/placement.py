@@ -7,9 +7,9 @@ and starts a new actor only when every actor is full. A pool may first spread it
 `spread_first` actors (each member gets one of its own until that many exist): publishing is the
 CPU-heaviest per-stream stage, and two streams on one publisher use one core (measured:
 bench/objects_bench.py's ceiling, 2 streams x 8 objects, 0.77x -> 0.92x the least-work loop with a
-second publisher). Actors stay in the pool when their members
-leave, so an archive of many short inputs, or live streams coming and going, reuse the same
-processes: no process per object, and none per input. Capacity 1 gives one actor per member.
+second publisher). Actors stay in the pool when their members leave, so an archive of many short
+inputs, or live streams coming and going, reuse the same processes: no process per object, and none
+per input. Capacity 1 gives one actor per member.
 
 On Ray, new actors of a pool are spread over the cluster's nodes (`ActorOptions.spread`), and a
 pool's `resources` can pin a role to a node group (GPU nodes for encoders, CPU nodes for trackers).
@@ -62,9 +62,9 @@ class ActorPool(Generic[M]):
             same = [s for s in open_slots if any(self._group.get(m) == group for m in s.members)]
             if same:
                 return min(same, key=lambda s: len(s.members))
-        idle = [s for s in open_slots if not s.members]
-        if open_slots and (idle or len(self._slots) >= self.spread_first):
-            return min(open_slots, key=lambda s: len(s.members))
+        least = min(open_slots, key=lambda s: len(s.members), default=None)
+        if least is not None and (not least.members or len(self._slots) >= self.spread_first):
+            return least
         slot = _Slot(self._spawn(f"{self.role}-{next(self._names)}"))
         self._slots.append(slot)
         return slot

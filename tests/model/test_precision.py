@@ -2,8 +2,8 @@
 
 The drift bound is issue 10's goal. bench/precision_bench.py measures it at full length (60 frames of
 each shared clip at 512 px; not yet run where bf16 is native, see bench/results/precision_bench.json);
-here on 16 frames at 128 px: on a
-CPU without native bf16 (AVX2 only) bf16 runs ~10x slower than fp32, and 256 px took 266 s there.
+here on 16 frames at 128 px: on a CPU without native bf16 (AVX2 only) bf16 runs ~10x slower than
+fp32, and 256 px took 266 s there.
 """
 from __future__ import annotations
 
