@@ -123,6 +123,10 @@ def topic_partitions(consumer: Any, topic: str, timeout_s: float = 10.0) -> list
         if partitions or time.monotonic() >= deadline:
             return sorted(partitions or ())
         time.sleep(0.1)
+        # kafka-python asks the broker again only when the topic is absent from its cache; a topic
+        # cached with no partitions would be returned empty until metadata_max_age_ms (5 min) passes
+        # (CI: 60 s of empty answers after a broker restart). `topics()` forces a fresh metadata fetch.
+        consumer.topics()
 
 
 def admin_kwargs(settings: KafkaSettings, **overrides: Any) -> dict[str, Any]:

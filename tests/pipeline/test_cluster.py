@@ -4,6 +4,7 @@ that hosts trackers mid-run recovers every object on the surviving node, and not
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -35,14 +36,42 @@ def cluster():
     ray_constants.ENABLE_RAY_CLUSTER = False
     c = Cluster(initialize_head=True, connect=True, head_node_args={
         "num_cpus": 2, "resources": {"masklet_io": 100}, "node_ip_address": "127.0.0.1", "include_dashboard": False,
-        # a removed node is noticed in ~3 s instead of ~30 s
-        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3,
+        # a removed node is noticed in ~5 s instead of ~30 s (3 missed checks falsely failed a live node under load)
+        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 5,
                            "health_check_initial_delay_ms": 1000}})
     worker = c.add_node(num_cpus=2, node_ip_address="127.0.0.1")
     c.wait_for_nodes()
+    _wait_until_spread_reaches(2, timeout_s=120)
     yield c, worker
     ray.shutdown()
     c.shutdown()
+
+
+@ray.remote(num_cpus=0)
+class _Probe:
+    def node(self) -> str:
+        return ray.get_runtime_context().get_node_id()
+
+
+def _wait_until_spread_reaches(nodes: int, timeout_s: float) -> None:
+    """Wait until SPREAD placement really reaches `nodes` nodes.
+
+    `wait_for_nodes` only waits for the GCS to register the node; the head's scheduler learns of the
+    new node's resources later, through Ray's resource syncer. On a loaded 2-core CI machine that took
+    long enough for all four trackers to land on the head (a CI failure), so probe with the same
+    placement the trackers use (SPREAD, no CPUs) until the probes land on every node.
+    """
+    deadline = time.monotonic() + timeout_s
+    seen: set[str] = set()
+    while time.monotonic() < deadline:
+        probes = [_Probe.options(scheduling_strategy="SPREAD").remote() for _ in range(2 * nodes)]
+        seen = set(ray.get([p.node.remote() for p in probes], timeout=max(1.0, deadline - time.monotonic())))
+        for p in probes:
+            ray.kill(p)
+        if len(seen) >= nodes:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"SPREAD placement reached {len(seen)} of {nodes} nodes after {timeout_s} s")
 
 
 def specs(root):
