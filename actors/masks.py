@@ -184,8 +184,7 @@ def summarize_mask(low: np.ndarray, out_size: tuple[int, int], kernel: Optional[
     exact_here = _resolve(kernel, low.shape, (height, width)) is _Kernel.FUSED
     if exact_here and (_outline_pixels(low, ys, xs, (height, width)) <= OUTLINE_LIMIT * height * width
                        or not _has_torch()):
-        crop_t = _threshold_by_cells(low, ys, xs, (height, width))
-        return _summary_from_columns(crop_t, ys.start, xs.start, height, width)
+        return _summary_by_cells(low, ys, xs, (height, width))
     return _summary_full(low, (height, width))
 
 
@@ -223,8 +222,8 @@ def _summary_full(low: np.ndarray, out_size: tuple[int, int]) -> MaskSummary:
     return MaskSummary(out_size, rle["counts"].decode("ascii"), bbox, area)
 
 
-def _threshold_by_cells(low: np.ndarray, ys: slice, xs: slice, out_size: tuple[int, int]) -> np.ndarray:
-    """`interpolate(low)[ys, xs] > 0`, transposed (column-major), bool [len(xs), len(ys)].
+def _summary_by_cells(low: np.ndarray, ys: slice, xs: slice, out_size: tuple[int, int]) -> MaskSummary:
+    """Summary of `interpolate(low) > 0`, knowing it is zero outside rows `ys` x columns `xs`.
 
     torch interpolates along x first: per low-res row r and output column x it forms
     a[r, x] = fma(t[r, j0], wx0, t[r, j1] * wx1), then blends two of those rows along y:
@@ -234,7 +233,15 @@ def _threshold_by_cells(low: np.ndarray, ys: slice, xs: slice, out_size: tuple[i
     two inputs differ: along x at the object's left and right edges, then along y at its top and
     bottom edges in each column. Values under 1e-30 are computed too (the one way two positive
     terms could still round to zero is underflow).
+
+    The mask itself is never built. Output rows sharing a low-res row pair form a cell; in each
+    column a cell is certainly positive, certainly not, or mixed (computed pixel by pixel). Runs
+    (column-major, as COCO RLE wants) begin and end only where two cells meet with different values
+    or inside a mixed cell, so they are found from cell-level arrays and the few mixed pixels:
+    about a cell's height fewer values than the crop has pixels (measured: 2.9 -> 1.1 ms per
+    object of a fifth of a 720p frame, from 256 x 256 logits).
     """
+    height = out_size[0]
     ay, ax = _axis(low.shape[0], out_size[0]), _axis(low.shape[1], out_size[1])
     y0, y1 = ay.i0[ys], ay.i1[ys]
     x0, x1, wx0, wx1 = ax.i0[xs], ax.i1[xs], ax.w0[xs], ax.w1[xs]
@@ -264,28 +271,55 @@ def _threshold_by_cells(low: np.ndarray, ys: slice, xs: slice, out_size: tuple[i
         if tiny.any():
             a_weak = np.zeros_like(sure)
             a_weak[rr, cc] = tiny
-    a_pos = a_pos.T                                              # [Wc, R]
-    upper, lower = a_pos[:, up_idx], a_pos[:, lo_idx]            # [Wc, cells]
+    # Cell-level arrays stay [cells, Wc] (row gathers, no transposes): runs are sorted into
+    # column-major order only at the end, from the few positions where they begin and end.
+    upper, lower = a_pos[up_idx], a_pos[lo_idx]                  # [cells, Wc]
     certain = upper & lower
     if a_weak is not None:
-        a_weak = a_weak.T
-        unsure = a_weak[:, up_idx] | a_weak[:, lo_idx]
+        unsure = a_weak[up_idx] | a_weak[lo_idx]
         certain &= ~unsure
         mixed = (upper != lower) | unsure
     else:
         mixed = upper != lower
-    out = np.repeat(certain, cell_rows, axis=1)                  # [Wc, Hc], the certain part
-    mixed_col, mixed_cell = np.divmod(np.flatnonzero(mixed), mixed.shape[1])
+    # The value of each cell's first and last pixel in each column; mixed cells get theirs below.
+    first_px, last_px = certain.copy(), certain.copy()
+    event_cols, event_rows, event_starts = [], [], []            # run boundaries inside mixed cells
+    mixed_cell, mixed_col = np.divmod(np.flatnonzero(mixed), mixed.shape[1])
     if mixed_col.size:                                           # top/bottom edges: pixel by pixel
         lengths = cell_rows[mixed_cell]
         pair = np.repeat(np.arange(mixed_col.size), lengths)
-        offset = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
-        crop_rows = first_rows[mixed_cell][pair] + offset
-        cols = mixed_col[pair]
+        pair_start = np.cumsum(lengths) - lengths
+        crop_rows = first_rows[mixed_cell][pair] + (np.arange(lengths.sum()) - pair_start[pair])
         gy = crop_rows + ys.start
-        top, bottom = along_x(y0[crop_rows], cols), along_x(y1[crop_rows], cols)
-        out[cols, crop_rows] = _fma32(top, ay.w0[gy], (bottom * ay.w1[gy]).astype(_F64)) > 0
-    return out
+        # a[r, x] depends on the cell and the column only: once per (column, cell), not per pixel.
+        top, bottom = along_x(r_up[mixed_cell], mixed_col)[pair], along_x(r_lo[mixed_cell], mixed_col)[pair]
+        pixel = _fma32(top, ay.w0[gy], (bottom * ay.w1[gy]).astype(_F64)) > 0
+        first_px[mixed_cell, mixed_col] = pixel[pair_start]
+        last_px[mixed_cell, mixed_col] = pixel[pair_start + lengths - 1]
+        inside = np.flatnonzero((pixel[1:] != pixel[:-1]) & (pair[1:] == pair[:-1])) + 1
+        event_cols.append(mixed_col[pair[inside]])
+        event_rows.append(crop_rows[inside])
+        event_starts.append(pixel[inside])
+    # Boundaries between cells, and runs touching the crop's top or bottom.
+    cell, col = np.divmod(np.flatnonzero(last_px[:-1] != first_px[1:]), mixed.shape[1])
+    event_cols.append(col)
+    event_rows.append(first_rows[cell + 1])
+    event_starts.append(first_px[cell + 1, col])
+    top_cols, bottom_cols = np.flatnonzero(first_px[0]), np.flatnonzero(last_px[-1])
+    event_cols += [top_cols, bottom_cols]
+    event_rows += [np.zeros(top_cols.size, np.int64), np.full(bottom_cols.size, y0.size, np.int64)]
+    event_starts += [np.ones(top_cols.size, bool), np.zeros(bottom_cols.size, bool)]
+    cols, crop_rows, starts = (np.concatenate(v) for v in (event_cols, event_rows, event_starts))
+    if not starts.any():
+        return MaskSummary((height, out_size[1]), _empty_counts(height, out_size[1]), (0, 0, 0, 0), 0)
+    position = (xs.start + cols) * height + ys.start + crop_rows  # global column-major positions
+    # In a column, starts and ends alternate; sorted apart, the k-th start pairs with the k-th end.
+    first, last = np.sort(position[starts]), np.sort(position[~starts])
+    start_rows, end_rows = crop_rows[starts], crop_rows[~starts]
+    bbox_cols = cols[starts]
+    bbox = (int(xs.start + bbox_cols.min()), int(ys.start + start_rows.min()),
+            int(bbox_cols.max() - bbox_cols.min() + 1), int(end_rows.max() - start_rows.min()))
+    return _summary_from_runs(first, last, bbox, height, out_size[1])
 
 
 def summarize_binary(mask: np.ndarray) -> MaskSummary:
@@ -310,6 +344,13 @@ def _summary_from_columns(crop_t: np.ndarray, y0: int, x0: int, height: int, wid
     end_row = ends - col * (hc + 2)
     first = (x0 + col) * height + y0 + start_row   # global column-major positions
     last = (x0 + col) * height + y0 + end_row
+    bbox = (int(x0 + cols[0]), int(y0 + rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1))
+    return _summary_from_runs(first, last, bbox, height, width)
+
+
+def _summary_from_runs(first: np.ndarray, last: np.ndarray, bbox: tuple[int, int, int, int],
+                       height: int, width: int) -> MaskSummary:
+    """Summary from foreground runs [first, last) in global column-major positions, sorted."""
     # A run reaching a column's bottom continues at the next column's top when both are foreground
     # (possible only when the crop spans whole columns): merge runs that touch.
     new_run = np.concatenate(([True], first[1:] != last[:-1]))
@@ -322,6 +363,4 @@ def _summary_from_columns(crop_t: np.ndarray, y0: int, x0: int, height: int, wid
     counts[-1] = height * width - last[-1]
     if counts[-1] == 0:
         counts = counts[:-1]  # pycocotools ends on the last run; a trailing empty run would change the string
-    area = int(lengths.sum())
-    bbox = (int(x0 + cols[0]), int(y0 + rows[0]), int(cols[-1] - cols[0] + 1), int(rows[-1] - rows[0] + 1))
-    return MaskSummary((height, width), _compress(counts.tolist(), height, width), bbox, area)
+    return MaskSummary((height, width), _compress(counts.tolist(), height, width), bbox, int(lengths.sum()))
