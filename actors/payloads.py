@@ -191,6 +191,15 @@ class ObjectResult:
 
 
 @dataclass(frozen=True)
+class PackedResult:
+    """One object's result inside a tracker call's packed results (`actors.tracker.return_layout`):
+    `ref` is that call's (future) tuple of results, `index` this result's place in it."""
+
+    ref: Any
+    index: int
+
+
+@dataclass(frozen=True)
 class FrameMeta:
     stream_id: str
     frame_idx: int

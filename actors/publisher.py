@@ -21,7 +21,7 @@ import numpy as np
 
 from masklet.actors.masks import MaskSummary, summarize_mask, upsample_logits
 from masklet.actors.messages import CocoRle, MaskletRecord, ObjectMask
-from masklet.actors.payloads import FrameMeta, ObjectResult, StreamInfo
+from masklet.actors.payloads import FrameMeta, ObjectResult, PackedResult, StreamInfo
 from masklet.actors.runtime import actor_pid, limit_threads, node_id
 from masklet.actors.sinks import FrameOutput
 from masklet.monitoring.stats import Stats
@@ -87,8 +87,12 @@ class PublisherActor:
                 errors.append(str(error))
         return tuple(errors)
 
-    def publish(self, meta: FrameMeta, rgb: Optional[np.ndarray], *results: Optional[ObjectResult]) -> PublishAck:
+    def publish(self, meta: FrameMeta, rgb: Optional[np.ndarray], picks: tuple[tuple[int, Optional[int]], ...],
+                *packs: Any) -> PublishAck:
+        """Publish one frame. Its results are `packs[p][i]` for each (p, i) in `picks`, or `packs[p]`
+        itself where i is None (`publish_args` lays them out)."""
         start = time.perf_counter()
+        results = tuple(packs[p] if i is None else packs[p][i] for p, i in picks)
         stream = self.streams.get(meta.stream_id)
         if stream is None:
             raise KeyError(f"stream {meta.stream_id!r} is not open on this publisher")
@@ -144,3 +148,23 @@ def _call(sink: Any, method: str, *args: Any) -> Any:
         return getattr(sink, method)(*args)
     except Exception as exc:  # noqa: BLE001 - a sink failure is an event, never a crash
         return f"{getattr(sink, 'name', type(sink).__name__)}: {type(exc).__name__}: {exc}"
+
+
+def publish_args(results: Sequence[Any]) -> tuple[tuple[tuple[int, Optional[int]], ...], list[Any]]:
+    """(picks, packs) for `PublisherActor.publish` from results that are `PackedResult`s or plain
+    ObjectResults (or references to them): each tracker call's pack is passed once, however many of
+    its results the frame has."""
+    packs: list[Any] = []
+    slot: dict[int, int] = {}
+    picks = []
+    for result in results:
+        if isinstance(result, PackedResult):
+            key = id(result.ref)
+            if key not in slot:
+                slot[key] = len(packs)
+                packs.append(result.ref)
+            picks.append((slot[key], result.index))
+        else:  # a result (or a reference to one) of its own: a top-level argument, so Ray resolves it
+            picks.append((len(packs), None))
+            packs.append(result)
+    return tuple(picks), packs

@@ -374,6 +374,12 @@ class SegmentOutputs:
     banner: str | None = None
     mask_videos: bool = True
 
+    @property
+    def needs_pixels(self) -> bool:
+        """Whether a sink draws the frame; the scheduler sends pixels to the publisher only then
+        (a factory without this attribute gets them)."""
+        return self.preview
+
     def __call__(self, info: StreamInfo) -> list:
         out = Path(self.out_dir)
         fps = info.fps or 30.0
@@ -390,6 +396,7 @@ class JsonlOutputs:
     """Sink factory for `masklets.jsonl` alone, under `root/<stream_id>/` (benchmarks: no video encoding)."""
 
     root: str
+    needs_pixels = False  # JSON records only
 
     def __call__(self, info: StreamInfo) -> list:
         return [JsonlSink(Path(self.root) / info.stream_id / "masklets.jsonl")]

@@ -12,11 +12,13 @@ go through the model as one batched step (`model.step_many`, grouped by memory s
 results equal one-by-one stepping); an op on an object that already has a step in the batch
 closes the batch first, so every object still sees its own operations in order.
 
-`run` returns 1 + len(ops) values: a tuple of `OpStatus` (tiny: the executor reads only this),
-then one value per op (an `ObjectResult` for steps and refines, an `ObjectSnapshot` for
-snapshots, None otherwise) that travels on by reference to the publisher or the scheduler. A
-failing op (a prompt outside the frame, say) fails alone: its status carries the message and the
-other objects of the call go on.
+`run` returns the values `return_layout(ops)` describes: a tuple of `OpStatus` (tiny: the executor
+reads only this); then, when the call has steps or refines, ONE tuple of their `ObjectResult`s that
+travels on by reference to the publishers (`PackedResult` names one of them); then each snapshot's
+`ObjectSnapshot` as a value of its own (kept for recovery long after the results are published).
+One reference per call instead of one per object: with the null model, Ray's per-reference work in
+the driver cost more than publishing. A failing op (a prompt outside the frame, say) fails alone:
+its status carries the message and the other objects of the call go on.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from masklet.actors.payloads import ModelSpec, ObjectResult, as_embedding, one_line, restore_tracker
+from masklet.actors.payloads import ModelSpec, ObjectResult, PackedResult, as_embedding, one_line, restore_tracker  # noqa: F401
 from masklet.actors.runtime import actor_pid, limit_threads, node_id
 from masklet.model.types import Prompt
 from masklet.monitoring.stats import Stats
@@ -91,6 +93,22 @@ class CloseObject:
 
 
 TrackerOp = Union[OpenObject, StepObject, RefineObject, BranchBackward, SnapshotObject, CloseObject]
+
+
+def return_layout(ops: Sequence[TrackerOp]) -> tuple[int, dict[int, tuple[int, Optional[int]]]]:
+    """How `run` returns the values of `ops`: (num_returns, {op index: (return slot, index or None)}).
+
+    Slot 0 holds the statuses; slot 1 the tuple of step and refine results, in op order (index =
+    place in that tuple), if there are any; each snapshot has the next slot of its own (index None).
+    Other ops return nothing."""
+    results = [i for i, op in enumerate(ops) if isinstance(op, (StepObject, RefineObject))]
+    where: dict[int, tuple[int, Optional[int]]] = {i: (1, n) for n, i in enumerate(results)}
+    slot = 2 if results else 1
+    for i, op in enumerate(ops):
+        if isinstance(op, SnapshotObject):
+            where[i] = (slot, None)
+            slot += 1
+    return slot, where
 
 
 @dataclass(frozen=True)
@@ -225,7 +243,17 @@ class TrackerActor:
             except Exception as exc:  # noqa: BLE001 - one object's failure is its own
                 statuses[i] = OpStatus(error=one_line(exc))
         flush()
-        return (tuple(statuses), *values)
+        count, where = return_layout(ops)
+        if count == 1:
+            return tuple(statuses)  # one return value: the statuses themselves
+        out: list[Any] = [tuple(statuses)] + [None] * (count - 1)
+        packed = [values[i] for i, (slot, index) in sorted(where.items()) if index is not None]
+        if packed:
+            out[1] = tuple(packed)
+        for i, (slot, index) in where.items():
+            if index is None:
+                out[slot] = values[i]
+        return tuple(out)
 
     def _prepare(self, ops: Sequence[TrackerOp], refs: Sequence[Any]) -> None:
         """Hook before a call's ops run (the shard actor encodes the frames they need here)."""

@@ -95,6 +95,7 @@ class Engine:
             raise ValueError(f"duplicate stream id {spec.stream_id!r}")
         cfg = self.config
         ctrl = FileStream(spec.stream_id, spec.objects, bidirectional=spec.bidirectional, policy=spec.policy,
+                          publish_pixels=getattr(spec.sink_factory, "needs_pixels", True),
                           queue_capacity=cfg.queue_capacity, replay_frames=cfg.replay_frames,
                           snapshot_every=cfg.snapshot_every, backward_delay=cfg.backward_delay)
         self.streams[spec.stream_id] = _Stream(spec, ctrl, StreamOutcome(spec.stream_id, objects=len(ctrl.objects),

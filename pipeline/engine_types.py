@@ -39,7 +39,8 @@ class StreamSpec:
     stream_id: str
     opener: Callable[[], Any]                       # -> FrameSource (pipeline.sources interface)
     objects: Mapping[int, Mapping[int, Prompt]]     # object id -> {frame_idx: prompt}
-    sink_factory: Callable[[StreamInfo], list]      # runs inside the publisher actor
+    sink_factory: Callable[[StreamInfo], list]      # runs inside the publisher actor; a `needs_pixels = False`
+                                                    # attribute keeps frame pixels from being sent to it
     bidirectional: bool = True
     policy: OverflowPolicy = OverflowPolicy.WAIT
     source_type: str = "file"

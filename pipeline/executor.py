@@ -31,7 +31,7 @@ from masklet.actors.backend import ActorCallError, ActorDiedError, ActorHandle, 
 from masklet.actors.decoder import DecoderActor
 from masklet.actors.encoder import EncoderActor
 from masklet.actors.payloads import ModelSpec
-from masklet.actors.publisher import PublisherActor
+from masklet.actors.publisher import PublisherActor, publish_args
 from masklet.actors.shard import FrameKey, ShardActor
 from masklet.actors.tracker import ObjectKey, TrackerActor
 from masklet.monitoring.stats import Stats, StatsSnapshot, merge
@@ -192,7 +192,8 @@ class Executor:
         elif isinstance(cmd, c.Publish):
             actor = self.publishers.actor_of(cmd.meta.stream_id)
             if actor is not None:
-                self._call("publish", actor, "publish", cmd.meta, cmd.rgb, *cmd.results, payload=cmd)
+                picks, packs = publish_args(cmd.results)
+                self._call("publish", actor, "publish", cmd.meta, cmd.rgb, picks, *packs, payload=cmd)
         elif isinstance(cmd, c.ClosePublisher):
             actor = self.publishers.actor_of(cmd.stream_id)
             self._publisher_info.pop(cmd.stream_id, None)
@@ -258,8 +259,13 @@ class Executor:
                 ops.append(tk.SnapshotObject(cmd.key))
             else:
                 ops.append(tk.CloseObject(cmd.key))
-        out = self._call("run", batch.actor, "run", ops, *refs, num_returns=len(ops) + 1)
-        self._pending[out[0]].payload = (ordered, out[1:])
+        count, where = tk.return_layout(ops)
+        out = self._call("run", batch.actor, "run", ops, *refs, num_returns=count)
+        out = out if count > 1 else [out]
+        values = [None] * len(ops)
+        for i, (slot, index) in where.items():
+            values[i] = out[slot] if index is None else tk.PackedResult(out[slot], index)
+        self._pending[out[0]].payload = (ordered, values)
 
     def _send_decodes(self, actor: ActorHandle, cmds: list) -> None:
         out = self._call("decode", actor, "decode", *[cmd.image for cmd in cmds], num_returns=len(cmds) + 1)

@@ -79,6 +79,7 @@ class ObjectState:
 
 class FileStream:
     def __init__(self, stream_id: str, objects: Mapping[int, Mapping[int, Prompt]], *, bidirectional: bool = True,
+                 publish_pixels: bool = True,
                  policy: OverflowPolicy = OverflowPolicy.WAIT, queue_capacity: int = 16,
                  replay_frames: int = 64, snapshot_every: int = 30, backward_delay: int = 0) -> None:
         if snapshot_every > replay_frames:
@@ -86,6 +87,9 @@ class FileStream:
         self.stream_id = stream_id
         self.objects = {int(o): ObjectState(int(o), dict(p)) for o, p in objects.items() if p}
         self.bidirectional = bidirectional
+        # Whether the publisher's sinks draw the frame (a preview): otherwise its pixels are not sent
+        # there (one object-store fetch and reference less per frame).
+        self.publish_pixels = publish_pixels
         self.policy = OverflowPolicy(policy)
         self.queue_capacity = queue_capacity
         self.replay_frames = replay_frames
@@ -242,7 +246,8 @@ class FileStream:
             del self.slots[j]
             height, width = self.video_size or (0, 0)
             meta = FrameMeta(self.stream_id, j, slot.pts, width, height, slot.dropped_before)
-            out.append(c.Publish(meta, slot.rgb, tuple(slot.results[o] for o in sorted(expected))))
+            out.append(c.Publish(meta, slot.rgb if self.publish_pixels else None,
+                                 tuple(slot.results[o] for o in sorted(expected))))
         return out
 
     # -- updates ----------------------------------------------------------------------------
