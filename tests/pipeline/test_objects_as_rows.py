@@ -195,3 +195,64 @@ def test_a_pool_can_spread_its_first_members_before_packing():
     assert pool.place("s4") == "publisher-0"  # room on an existing actor: no third one
     with pytest.raises(ValueError, match="spread_first"):
         ActorPool("x", str, capacity=1, spread_first=0)
+
+
+def test_a_tracker_call_returns_its_step_results_as_one_pack_and_snapshots_apart():
+    """One reference per call carries every step result (Ray's per-reference cost in the driver
+    outweighed publishing); snapshots, kept for recovery, come back as values of their own."""
+    from masklet.actors import tracker as tk
+    from masklet.actors.payloads import ObjectResult, PackedResult
+    from masklet.actors.publisher import publish_args
+    from masklet.model.null_model import build_null_model
+
+    spec = ModelSpec("null", None, 64, "cpu", factory="masklet.model.null_model:build_null_model")
+    actor = tk.TrackerActor(spec, None, max_step_batch=4)
+    a, b = ObjectKey("s", 1), ObjectKey("s", 2)
+    embedding = build_null_model(image_size=64).encode([None])[0]
+    ops = [tk.OpenObject(a, (48, 64)), tk.OpenObject(b, (48, 64)), tk.StepObject(a, tk.FORWARD, 0, 0, point(10, 20)),
+           tk.SnapshotObject(a), tk.StepObject(b, tk.FORWARD, 0, 0, point(30, 20)), tk.SnapshotObject(b),
+           tk.CloseObject(a)]
+    count, where = tk.return_layout(ops)
+    assert count == 4 and where == {2: (1, 0), 4: (1, 1), 3: (2, None), 5: (3, None)}
+    statuses, pack, snap_a, snap_b = actor.run(ops, embedding)
+    assert all(s.error is None for s in statuses) and len(statuses) == len(ops)
+    assert [r.object_id for r in pack] == [1, 2] and all(isinstance(r, ObjectResult) for r in pack)
+    assert isinstance(snap_a, tk.ObjectSnapshot) and isinstance(snap_b, tk.ObjectSnapshot)
+    # A call with neither steps nor snapshots returns its statuses alone.
+    assert tk.return_layout([tk.CloseObject(b)]) == (1, {})
+    assert actor.run([tk.CloseObject(b)]) == (tk.OpStatus(),)
+    # A frame's publish takes each pack once, however many of its results it needs.
+    picks, packs = publish_args([PackedResult("pack", 1), PackedResult("pack", 0), pack[0]])
+    assert picks == ((0, 1), (0, 0), (1, None)) and packs == ["pack", pack[0]]
+
+
+class _PixelProbe:
+    """A sink factory that records whether each frame reached its sink with pixels."""
+
+    def __init__(self, needs_pixels):
+        if needs_pixels is not None:
+            self.needs_pixels = needs_pixels
+        self.seen: list[bool] = []
+
+    def __call__(self, info):
+        from masklet.actors.sinks import Sink
+
+        seen = self.seen
+
+        class Probe(Sink):
+            def _open(self): ...
+
+            def _write(self, frame):
+                seen.append(frame.rgb is not None)
+
+            def _close(self): ...
+
+        return [Probe()]
+
+
+@pytest.mark.parametrize("needs_pixels, expect", [(False, False), (True, True), (None, True)])
+def test_frame_pixels_reach_a_publisher_only_when_its_sinks_draw_them(needs_pixels, expect):
+    probe = _PixelProbe(needs_pixels)  # None: a factory that does not say gets the pixels
+    spec = StreamSpec("s", fake_opener(num_frames=5, seed=0), {1: {0: point(10, 20)}}, probe)
+    report = Engine(InProcessBackend(), FAKE, engine_cfg()).run([spec])
+    assert report.streams["s"].ok and probe.seen == [expect] * 5
