@@ -1,8 +1,11 @@
-"""Process-level helpers for code that runs inside actor processes (threads, where am I)."""
+"""Process-level helpers for code that runs inside actor processes (threads, memory, where am I)."""
 from __future__ import annotations
 
+import ctypes
+import functools
 import os
 import sys
+from typing import Callable, Optional
 
 # Passive OpenMP waits in every stage process: an encoder spinning at its barriers while trackers
 # and publishers need the cores wastes CPU. libgomp reads this when torch loads it, and actor
@@ -17,6 +20,28 @@ def limit_threads(num_threads: int | None) -> None:
         os.environ["OMP_NUM_THREADS"] = str(num_threads)  # also covers a torch imported later
         if "torch" in sys.modules:
             sys.modules["torch"].set_num_threads(num_threads)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim() -> Optional[Callable[[int], int]]:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc only
+    except (OSError, AttributeError):
+        return None
+
+
+def release_free_memory() -> None:
+    """Give the heap's free pages back to the OS (glibc `malloc_trim`; a no-op elsewhere).
+
+    A batched tracker pass frees tens of MB of activations, but glibc keeps them: its mmap threshold
+    rises after the first large frees, so later large tensors come from the heap and stay resident
+    when freed. Measured (tiny at 256 px, 8 objects, 20 frames, one process): 68-144 MB retained at
+    8 objects per pass, 6 MB at one per pass; trimming after each call left none, at no measurable
+    CPU cost (17.4-18.5 s against 17.5 s). A fixed 1 MB mmap threshold also bounds it but cost 60%
+    more CPU (page faults on every large tensor)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 def usable_cores() -> int:

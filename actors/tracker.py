@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from masklet.actors.payloads import ModelSpec, ObjectResult, PackedResult, as_embedding, one_line, restore_tracker  # noqa: F401
-from masklet.actors.runtime import actor_pid, limit_threads, node_id
+from masklet.actors.runtime import actor_pid, limit_threads, node_id, release_free_memory
 from masklet.model.types import Prompt
 from masklet.monitoring.stats import Stats
 
@@ -203,6 +203,7 @@ class TrackerActor:
         # Objects per forward pass: a pass's activations grow with it, and the allocator keeps its peak,
         # so this bounds a tracker process's memory whatever its object count.
         self.max_step_batch = max(1, int(max_step_batch))
+        self._batched_since_trim = False
         self.model = model if model is not None else spec.build(with_image_encoder=False)
         self.device = _device_of(self.model)
         self.objects: dict[ObjectKey, HostedObject] = {}
@@ -243,6 +244,9 @@ class TrackerActor:
             except Exception as exc:  # noqa: BLE001 - one object's failure is its own
                 statuses[i] = OpStatus(error=one_line(exc))
         flush()
+        if self._batched_since_trim:
+            release_free_memory()  # a batched pass's activations, else kept resident (runtime.py)
+            self._batched_since_trim = False
         count, where = return_layout(ops)
         if count == 1:
             return tuple(statuses)  # one return value: the statuses themselves
@@ -319,6 +323,7 @@ class TrackerActor:
                 statuses[i] = OpStatus(error=one_line(exc))
         # One forward pass per batch when the model stepped them together, else one per object.
         passes = [len(ready)] if results is not None else [1] * len(ready)
+        self._batched_since_trim |= results is not None
         for size in passes:
             self.batch_sizes[size] = self.batch_sizes.get(size, 0) + 1
             self.stats.observe("masklet_tracker_batch_size", size)

@@ -72,7 +72,7 @@ def machine() -> dict:
     load = os.getloadavg()
     return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
             "load_average_at_start": [round(v, 2) for v in load],
-            "load_note": "shared 2-core machine: other engineers' tests ran meanwhile; paths alternate per repeat"}
+            "load_note": "2-core machine, load average at start above (nothing else is recorded about its load); paths alternate per repeat"}
 
 
 # -- ingest throughput --------------------------------------------------------------------------
