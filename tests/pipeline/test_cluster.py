@@ -36,8 +36,8 @@ def cluster():
     ray_constants.ENABLE_RAY_CLUSTER = False
     c = Cluster(initialize_head=True, connect=True, head_node_args={
         "num_cpus": 2, "resources": {"masklet_io": 100}, "node_ip_address": "127.0.0.1", "include_dashboard": False,
-        # a removed node is noticed in ~5 s instead of ~30 s (3 missed checks falsely failed a live node under load)
-        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 5,
+        # a removed node is noticed in ~10 s instead of ~30 s (3 missed checks may fail a live node under load)
+        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 10,
                            "health_check_initial_delay_ms": 1000}})
     worker = c.add_node(num_cpus=2, node_ip_address="127.0.0.1")
     c.wait_for_nodes()
@@ -91,9 +91,17 @@ def test_trackers_spread_over_nodes_and_survive_the_loss_of_one(cluster, tmp_pat
                         objects_per_tracker=1, encoder_resources=IO, io_resources=IO, spread=True)
     placed: dict[str, str] = {}
 
+    before_removal: list = []
+    on_worker: set = set()  # (stream, object) hosted on the removed node when it went
+
     def remove_worker(engine, outcome):
-        if not placed and outcome.frames_published >= 8:
+        if not placed and outcome.frames_published >= 4:
             placed.update({name: rep["node"] for name, rep in engine.executor.report()["actors"].items()})
+            before_removal.append(engine.executor.stats.snapshot().total("masklet_object_recoveries_total"))
+            head_now = ray.get_runtime_context().get_node_id()
+            pool = engine.executor.trackers
+            on_worker.update((key.stream_id, key.object_id) for actor in pool.actors
+                             if placed.get(actor.name, head_now) != head_now for key in pool.members_of(actor))
             c.remove_node(worker, allow_graceful=False)
 
     backend = RayBackend()
@@ -104,11 +112,21 @@ def test_trackers_spread_over_nodes_and_survive_the_loss_of_one(cluster, tmp_pat
 
     head = ray.get_runtime_context().get_node_id()
     trackers = {name: node for name, node in placed.items() if name.startswith("tracker")}
-    assert len(trackers) == 4 and len(set(trackers.values())) == 2, placed       # spread over both nodes
+    print("placement:", placed, "head:", head, "recoveries before the removal:", before_removal,
+          "events:", report.events[:8])
+    # spread over both nodes (the message says which node is the head and whether any object had
+    # already been recovered before the removal, e.g. after a falsely failed health check)
+    assert len(trackers) == 4 and len(set(trackers.values())) == 2, (placed, head, before_removal, report.events[:6])
     assert all(node == head for name, node in placed.items() if not name.startswith("tracker")), placed
-    lost_on_worker = sum(1 for node in trackers.values() if node != head)
-    recovered = [e for e in report.events if e.kind == "object_recovered"]
-    assert report.tracker_restarts >= 1 and len(recovered) >= lost_on_worker, (report.events, placed)
+    # Every object the removed node hosted recovers, unless its stream had already finished when the
+    # loss was noticed (the fake model is fast: a stream can publish its last frames meanwhile).
+    first_restart = next(i for i, e in enumerate(report.events) if e.kind == "tracker_restarted")
+    done_before = {e.stream_id for e in report.events[:first_restart] if e.kind == "stream_done"}
+    recovered = {(e.stream_id, int(e.message.split()[1].rstrip(":"))) for e in report.events
+                 if e.kind == "object_recovered"}
+    expected = {k for k in on_worker if k[0] not in done_before}
+    assert report.tracker_restarts >= 1 and expected and expected <= recovered <= on_worker, (report.events, placed,
+                                                                                             on_worker)
     assert all(n == head for n in (rep["node"] for name, rep in report.actors.items()))  # survivors only
     for s in ("s0", "s1"):
         assert report.streams[s].ok and report.streams[s].frames_published == FRAMES, report.streams[s]
