@@ -3,7 +3,9 @@ and keeps the encoder, decoders and publishers on the head (custom resource); re
 that hosts trackers mid-run recovers every object on the surviving node, and nothing is lost."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import time
 
 import numpy as np
@@ -41,7 +43,7 @@ def cluster():
                            "health_check_initial_delay_ms": 1000}})
     worker = c.add_node(num_cpus=2, node_ip_address="127.0.0.1")
     c.wait_for_nodes()
-    _wait_until_spread_reaches(2, timeout_s=120)
+    _wait_until_every_node_runs_actors(2, timeout_s=120)
     yield c, worker
     ray.shutdown()
     c.shutdown()
@@ -53,25 +55,23 @@ class _Probe:
         return ray.get_runtime_context().get_node_id()
 
 
-def _wait_until_spread_reaches(nodes: int, timeout_s: float) -> None:
-    """Wait until SPREAD placement really reaches `nodes` nodes.
+def _wait_until_every_node_runs_actors(nodes: int, timeout_s: float) -> None:
+    """Wait until an actor pinned to each node starts there.
 
-    `wait_for_nodes` only waits for the GCS to register the node; the head's scheduler learns of the
-    new node's resources later, through Ray's resource syncer. On a loaded 2-core CI machine that took
-    long enough for all four trackers to land on the head (a CI failure), so probe with the same
-    placement the trackers use (SPREAD, no CPUs) until the probes land on every node.
-    """
+    `wait_for_nodes` only waits for the GCS to register the node; it may not yet take actors. The
+    executor pins each tracker to a node (actors.backend.RayBackend._spread_strategy), so probe with
+    the same hard node affinity, one probe per node."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     deadline = time.monotonic() + timeout_s
-    seen: set[str] = set()
-    while time.monotonic() < deadline:
-        probes = [_Probe.options(scheduling_strategy="SPREAD").remote() for _ in range(2 * nodes)]
-        seen = set(ray.get([p.node.remote() for p in probes], timeout=max(1.0, deadline - time.monotonic())))
-        for p in probes:
-            ray.kill(p)
-        if len(seen) >= nodes:
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"SPREAD placement reached {len(seen)} of {nodes} nodes after {timeout_s} s")
+    ids = [n["NodeID"] for n in ray.nodes() if n.get("Alive")]
+    assert len(ids) == nodes, f"{len(ids)} of {nodes} nodes alive"
+    probes = [_Probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=i, soft=False)).remote()
+              for i in ids]
+    seen = ray.get([p.node.remote() for p in probes], timeout=max(1.0, deadline - time.monotonic()))
+    for p in probes:
+        ray.kill(p)
+    assert sorted(seen) == sorted(ids), (seen, ids)
 
 
 def specs(root):
@@ -96,13 +96,21 @@ def test_trackers_spread_over_nodes_and_survive_the_loss_of_one(cluster, tmp_pat
 
     def remove_worker(engine, outcome):
         if not placed and outcome.frames_published >= 4:
-            placed.update({name: rep["node"] for name, rep in engine.executor.report()["actors"].items()})
+            actors = engine.executor.report()["actors"]
+            placed.update({name: rep["node"] for name, rep in actors.items()})
             before_removal.append(engine.executor.stats.snapshot().total("masklet_object_recoveries_total"))
             head_now = ray.get_runtime_context().get_node_id()
             pool = engine.executor.trackers
             on_worker.update((key.stream_id, key.object_id) for actor in pool.actors
                              if placed.get(actor.name, head_now) != head_now for key in pool.members_of(actor))
             c.remove_node(worker, allow_graceful=False)
+            # A lost machine takes its processes with it at once; Ray's workers on a removed local
+            # node would otherwise go on answering for a moment (measured: long enough for a stream
+            # of the fast fake model to finish, and the loss to go unnoticed).
+            for name, rep in actors.items():
+                if rep["node"] != head_now:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(rep["pid"], signal.SIGKILL)
 
     backend = RayBackend()
     engine = Engine(backend, FAKE, config, on_progress=lambda outcome: remove_worker(engine, outcome))
@@ -120,7 +128,8 @@ def test_trackers_spread_over_nodes_and_survive_the_loss_of_one(cluster, tmp_pat
     assert all(node == head for name, node in placed.items() if not name.startswith("tracker")), placed
     # Every object the removed node hosted recovers, unless its stream had already finished when the
     # loss was noticed (the fake model is fast: a stream can publish its last frames meanwhile).
-    first_restart = next(i for i, e in enumerate(report.events) if e.kind == "tracker_restarted")
+    first_restart = next((i for i, e in enumerate(report.events) if e.kind == "tracker_restarted"), None)
+    assert first_restart is not None, ("the node loss was never noticed", report.events)
     done_before = {e.stream_id for e in report.events[:first_restart] if e.kind == "stream_done"}
     recovered = {(e.stream_id, int(e.message.split()[1].rstrip(":"))) for e in report.events
                  if e.kind == "object_recovered"}
