@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from masklet.actors.payloads import ModelSpec, ObjectResult, PackedResult, as_embedding, one_line, restore_tracker  # noqa: F401
+from masklet.actors.payloads import ModelSpec, ObjectResult, as_embedding, one_line, restore_tracker
 from masklet.actors.runtime import actor_pid, limit_threads, node_id, release_free_memory
 from masklet.model.types import Prompt
 from masklet.monitoring.stats import Stats
@@ -251,12 +251,14 @@ class TrackerActor:
         if count == 1:
             return tuple(statuses)  # one return value: the statuses themselves
         out: list[Any] = [tuple(statuses)] + [None] * (count - 1)
-        packed = [values[i] for i, (slot, index) in sorted(where.items()) if index is not None]
-        if packed:
-            out[1] = tuple(packed)
+        packed: list[Any] = [None] * sum(index is not None for _, index in where.values())
         for i, (slot, index) in where.items():
             if index is None:
                 out[slot] = values[i]
+            else:
+                packed[index] = values[i]
+        if packed:
+            out[1] = tuple(packed)
         return tuple(out)
 
     def _prepare(self, ops: Sequence[TrackerOp], refs: Sequence[Any]) -> None:

@@ -30,7 +30,7 @@ from masklet.actors import tracker as tk
 from masklet.actors.backend import ActorCallError, ActorDiedError, ActorHandle, ActorOptions, Backend
 from masklet.actors.decoder import DecoderActor
 from masklet.actors.encoder import EncoderActor
-from masklet.actors.payloads import ModelSpec
+from masklet.actors.payloads import ModelSpec, PackedResult
 from masklet.actors.publisher import PublisherActor, publish_args
 from masklet.actors.shard import FrameKey, ShardActor
 from masklet.actors.tracker import ObjectKey, TrackerActor
@@ -264,7 +264,7 @@ class Executor:
         out = out if count > 1 else [out]
         values = [None] * len(ops)
         for i, (slot, index) in where.items():
-            values[i] = out[slot] if index is None else tk.PackedResult(out[slot], index)
+            values[i] = out[slot] if index is None else PackedResult(out[slot], index)
         self._pending[out[0]].payload = (ordered, values)
 
     def _send_decodes(self, actor: ActorHandle, cmds: list) -> None:

@@ -120,8 +120,6 @@ def test_trackers_spread_over_nodes_and_survive_the_loss_of_one(cluster, tmp_pat
 
     head = ray.get_runtime_context().get_node_id()
     trackers = {name: node for name, node in placed.items() if name.startswith("tracker")}
-    print("placement:", placed, "head:", head, "recoveries before the removal:", before_removal,
-          "events:", report.events[:8])
     # spread over both nodes (the message says which node is the head and whether any object had
     # already been recovered before the removal, e.g. after a falsely failed health check)
     assert len(trackers) == 4 and len(set(trackers.values())) == 2, (placed, head, before_removal, report.events[:6])
