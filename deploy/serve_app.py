@@ -1,7 +1,7 @@
-"""The Masklet control API: a plain FastAPI app over a LiveSession, and its thin Ray Serve wrapper.
+"""The Masklet control API: a plain FastAPI app over a LiveSession (its Serve wrapper: serve_deployment.py).
 
     create_app(session_or_slot, settings=ServeSettings(...), token=...)   # tests, any ASGI server
-    deploy.serve_app:app                                                  # `serve deploy`, `masklet serve`
+    deploy.serve_deployment:app       # its Ray Serve deployment: `serve deploy`, `masklet serve`
 
 Status codes: 401 without the bearer token (everything but /health/* and the console's static
 files); 422 for an invalid body, with one readable line per problem in "detail"; 413 for a body
@@ -16,8 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
-import logging
-import os
 from pathlib import Path
 from typing import Any, Optional
 
@@ -27,9 +25,9 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
 from masklet.deploy.api_models import AddObject, CreateStream, Health, ObjectAccepted, RefineObject, StreamDetail, StreamSummary
 from masklet.deploy.api_runtime import KafkaProbe, OutputHub, SessionSlot, StreamRegistry
-from masklet.deploy.api_limits import (deployment_limits, in_flight_cap, replica_max_ongoing_requests,
-                                       settings_from_options)
-from masklet.deploy.api_security import ApiLimits, GuardMiddleware, generate_token
+from masklet.deploy.api_limits import deployment_limits, in_flight_cap
+from masklet.deploy.api_security import ApiLimits, GuardMiddleware
+from masklet.deploy.health_listener import Heartbeat
 from masklet.actors.messages import MessageError
 from masklet.actors.prompt_limits import PromptLimitError, check_object_count, prompt_to_model
 from masklet.actors.rle import RleError
@@ -37,7 +35,6 @@ from masklet.actors.sources import SourceError
 from masklet.pipeline.config import KafkaSettings, LimitsSettings, ServeSettings
 from masklet.pipeline.live import PromptRejected
 
-log = logging.getLogger(__name__)
 
 CONSOLE_DIR = Path(__file__).resolve().parent / "console"
 
@@ -46,14 +43,15 @@ SSE_HEARTBEAT_S = 15.0
 
 def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token: Optional[str] = None,
                kafka: Optional[KafkaSettings] = None, limits: Optional[LimitsSettings] = None,
-               max_in_flight: Optional[int] = None) -> FastAPI:
+               max_in_flight: Optional[int] = None, heartbeat: Optional[Heartbeat] = None) -> FastAPI:
     """The API over `session` (a LiveSession, or a SessionSlot whose session is still loading).
 
     The app owns `session.poll()` (it fans records out to /events); `token` defaults to the
     settings' api_token. Kafka-sourced streams and the Kafka readiness check need `kafka`.
     `limits` (settings.limits) bound prompts, objects, SSE feeds and requests in flight;
     `max_in_flight` caps ordinary requests (default: limits.max_in_flight_requests, checked against
-    deploy/serve_config.yaml's max_ongoing_requests, see `in_flight_cap`).
+    deploy/serve_config.yaml's max_ongoing_requests, see `in_flight_cap`). `heartbeat` is stamped
+    every second by the app's event loop while it runs (the health listener reads it).
     """
     settings = settings or ServeSettings()
     limits_settings = limits or LimitsSettings()
@@ -70,17 +68,23 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
     registry = StreamRegistry(slot, limits=limits, kafka=kafka)
     hub = OutputHub(max_subscribers=limits_settings.max_event_streams)
     kafka_probe = KafkaProbe(kafka) if kafka is not None else None
+    heartbeat = heartbeat or Heartbeat()
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
-        yield
-        registry.shutdown()  # stop the feeders; the session's owner shuts the session down
+        beating = asyncio.create_task(heartbeat.run())
+        try:
+            yield
+        finally:
+            beating.cancel()
+            registry.shutdown()  # stop the feeders; the session's owner shuts the session down
 
     app = FastAPI(lifespan=lifespan, title="Masklet control API", version="1", docs_url=None, redoc_url=None, openapi_url=None,
                   description="Live SAM 2 video segmentation: streams, objects, masklets. "
                               "Send `Authorization: Bearer <token>` with every request but /health/*.")
     app.add_middleware(GuardMiddleware, token=token, limits=limits)
     app.state.slot, app.state.registry, app.state.hub, app.state.limits = slot, registry, hub, limits
+    app.state.heartbeat = heartbeat
 
     slot.when_ready(hub.attach)
 
@@ -324,84 +328,3 @@ def _overlay_png(output: Any) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)  # speed over size: the console polls it
     return buffer.getvalue()
-
-
-# -- Ray Serve -----------------------------------------------------------------------------------
-
-def _serve_deployment() -> Any:
-    from ray import serve
-
-    @serve.deployment(name="MaskletAPI")
-    @serve.ingress()
-    class MaskletAPI:
-        """One replica holds one LiveSession (model, batched encoder, trackers) and serves the API.
-
-        `options` (the application's `args`): model, checkpoint, image_size, device, max_batch_size,
-        max_wait_ms, kafka (bool), token, config (YAML path). `user_config` (live): max_streams,
-        max_request_bytes.
-        """
-
-        def __init__(self, options: Optional[dict] = None) -> None:
-            options = dict(options or {})
-            self.settings = settings_from_options(options)
-            options.pop("config", None)
-            options.pop("limits", None)
-            token = options.pop("token", None) or os.environ.get("MASKLET_API_TOKEN")
-            if not token:
-                token = generate_token()
-                log.warning("MASKLET_API_TOKEN is not set; generated API token: %s", token)
-            self.token = token
-            self.options = options
-            self.limits: Optional[ApiLimits] = None
-            self.slot = SessionSlot()
-            self.slot.load_in_background(lambda: build_live_session(self.settings, self.options))
-
-        def __serve_build_asgi_app__(self) -> FastAPI:
-            kafka = self.settings.kafka if self.options.get("kafka") else None
-            cap = in_flight_cap(replica_max_ongoing_requests(), self.settings.limits)
-            app = create_app(self.slot, self.settings.serve, token=self.token, kafka=kafka,
-                             limits=self.settings.limits, max_in_flight=cap)
-            self.limits = app.state.limits
-            return app
-
-        def reconfigure(self, user_config: dict) -> None:
-            # Serve calls this after the app is built, and again on every config change.
-            if self.limits is not None:
-                user_config = user_config or {}
-                self.limits.max_streams = int(user_config.get("max_streams", self.limits.max_streams))
-                self.limits.max_body_bytes = int(user_config.get("max_request_bytes", self.limits.max_body_bytes))
-
-    return MaskletAPI
-
-
-_MODEL_OPTIONS = {"model": "name", "checkpoint": "checkpoint", "image_size": "image_size", "device": "device",
-                  "precision": "precision", "model_factory": "factory"}
-
-
-def build_live_session(settings: Any, options: dict) -> Any:
-    """The replica's LiveSession. Its stages are Ray actors (`pipeline.backend: ray`, the default:
-    frames are decoded and records built there, not in this replica), or objects in this process
-    (`inprocess`: small setups and tests)."""
-    from masklet.actors.backend import InProcessBackend, RayBackend
-    from masklet.pipeline.config import ModelSettings
-    from masklet.pipeline.configure import live_config, model_spec
-    from masklet.pipeline.live import LiveSession
-
-    overrides = {field: options[key] for key, field in _MODEL_OPTIONS.items() if options.get(key) is not None}
-    if overrides:  # validated like the YAML and env values
-        model = ModelSettings(**{**settings.model.model_dump(), **overrides})
-        settings = settings.model_copy(update={"model": model})
-    spec = model_spec(settings)
-    executor = {key: options[key] for key in ("max_batch_size", "max_wait_ms") if key in options}
-    config = live_config(settings, spec, max_streams=options.get("max_streams"), **executor)
-    backend = InProcessBackend() if settings.pipeline.backend == "inprocess" else RayBackend()
-    return LiveSession(backend, spec, config)
-
-
-def app(args: Optional[dict] = None) -> Any:
-    """Serve application builder (`import_path: deploy.serve_app:app`; the config's `args` are `options`).
-
-    A builder rather than a bound application, so importing this module for `create_app` (tests,
-    other ASGI servers) neither imports Ray Serve nor loads a model.
-    """
-    return _serve_deployment().options(**deployment_limits()).bind(dict(args or {}))

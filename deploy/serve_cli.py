@@ -20,6 +20,10 @@ def register(subparsers: Any) -> None:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--health-port", type=int, default=None,
+                   help="port of the health listener (/health/live, /health/ready; same host): it answers "
+                        "under any load, unlike the API port behind Serve's proxy (default: serve.health_port, "
+                        "8001; -1: off)")
     add_model_arguments(p)
     p.add_argument("--max-streams", type=int, help="stream cap (default: serve.max_streams)")
     p.add_argument("--kafka", action="store_true",
@@ -28,16 +32,33 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run_serve)
 
 
-def serve_options(args: argparse.Namespace, token: str) -> dict:
-    """The MaskletAPI deployment's options (deploy.serve_app:app args)."""
+def serve_options(args: argparse.Namespace, token: str, settings: Any = None) -> dict:
+    """The MaskletAPI deployment's options (deploy.serve_deployment:app args). `settings` (the CLI's
+    MaskletSettings) places the health listener beside the API (host, health_port)."""
     names = {"name": "model", "factory": "model_factory"}
     options = {names.get(field, field): value for field, value in model_overrides(args).items()}
     options.update({"kafka": bool(args.kafka), "token": token})
+    if settings is not None:
+        options.update({"health_host": settings.serve.host, "health_port": settings.serve.health_port})
     if args.config is not None:
         options["config"] = str(args.config.resolve())
     if args.max_streams is not None:
         options["max_streams"] = args.max_streams
     return options
+
+
+def _check_free(host: str, port: Any) -> None:
+    """Fail before Ray starts when the health port is taken (the replica would only log it)."""
+    import socket
+
+    if not port:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise OSError(f"health port {host}:{port} is not free ({exc.strerror}); choose another with "
+                          f"--health-port or serve.health_port, or -1 to turn it off") from None
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -46,12 +67,15 @@ def run_serve(args: argparse.Namespace) -> int:
     from masklet.deploy.segment import RANDOM_WEIGHTS_WARNING
 
     try:
-        settings = load_settings(args.config, serve={"host": args.host, "port": args.port},
-                                 model=model_overrides(args))
+        serve_overrides = {"host": args.host, "port": args.port}
+        if args.health_port is not None:
+            serve_overrides["health_port"] = None if args.health_port == -1 else args.health_port
+        settings = load_settings(args.config, serve=serve_overrides, model=model_overrides(args))
+        _check_free(settings.serve.host, settings.serve.health_port)
         from masklet.deploy.api_limits import deployment_limits
 
         deployment_limits()  # Serve's request limits come from deploy/serve_config.yaml: readable and consistent
-    except (ConfigError, ValueError) as exc:
+    except (ConfigError, ValueError, OSError) as exc:
         print(f"masklet serve: error: {exc}", file=sys.stderr)
         return 2
     token = settings.serve.api_token.get_secret_value() if settings.serve.api_token else None
@@ -65,15 +89,18 @@ def run_serve(args: argparse.Namespace) -> int:
     import ray
     from ray import serve
 
-    from masklet.deploy.serve_app import app
+    from masklet.deploy.serve_deployment import app
 
     from masklet.actors.backend import init_ray
 
     init_ray(include_dashboard=False, configure_logging=False)  # never expose the dashboard/job API
     serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
-    serve.run(app(serve_options(args, token)), name="masklet", route_prefix="/")
+    serve.run(app(serve_options(args, token, settings)), name="masklet", route_prefix="/")
+    health = settings.serve.health_port
     print(f"masklet serve: console and API on http://{settings.serve.host}:{settings.serve.port}/ "
-          f"(readiness: /health/ready)", file=sys.stderr)
+          f"(readiness: /health/ready)" + (f"; probes: http://{settings.serve.host}:{health}/health/live and "
+                                           f"/health/ready (answer under any load)" if health else ""),
+          file=sys.stderr)
     try:
         while True:
             time.sleep(3600)

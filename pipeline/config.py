@@ -276,6 +276,11 @@ class ServeSettings(_Section):
     api_token: Optional[SecretStr] = None
     max_streams: int = Field(16, ge=1, le=10_000)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest accepted request body")
+    # /health/live and /health/ready on their own port, answered by a thread of the API replica: they
+    # never queue behind Serve's proxy under load (deploy/health_listener.py). None: off; 0: any free port.
+    health_port: Optional[int] = Field(8001, ge=0, le=65535)
+    health_stall_s: float = Field(30.0, gt=0, description="/health/live on health_port is 503 once the API's "
+                                                          "event loop has not run for this long")
 
     @model_validator(mode="after")
     def _token_off_loopback(self) -> "ServeSettings":

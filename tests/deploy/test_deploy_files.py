@@ -33,7 +33,7 @@ def _deployments(config: dict) -> dict[str, dict]:
 def test_serve_config_validates_against_ray_serve_schema(serve_config):
     schema = ServeDeploySchema.model_validate(serve_config)
     [app] = schema.applications
-    assert app.import_path == "masklet.deploy.serve_app:app"
+    assert app.import_path == "masklet.deploy.serve_deployment:app"
     assert schema.http_options.host == "127.0.0.1"
 
 
@@ -56,7 +56,7 @@ def test_serve_config_sets_replicas_resources_gpu_fractions_and_batching(serve_c
 def test_serve_config_args_build_the_serve_app(serve_config):
     from ray.serve.deployment import Application
 
-    from masklet.deploy.serve_app import app
+    from masklet.deploy.serve_deployment import app
 
     [config] = serve_config["applications"]
     assert isinstance(app(config["args"]), Application)

@@ -28,14 +28,19 @@ def ray_serve(monkeypatch):
 def test_serve_app_answers_on_loopback(ray_serve, clip):
     from ray import serve
 
-    from masklet.deploy.serve_app import app
+    from masklet.deploy.serve_deployment import app
 
-    options = {"checkpoint": "random", "image_size": 256, "device": "cpu", "token": TOKEN, "max_batch_size": 2}
+    health_port = free_port()
+    options = {"checkpoint": "random", "image_size": 256, "device": "cpu", "token": TOKEN, "max_batch_size": 2,
+               "health_port": health_port}
     serve.run(app(options), name="masklet", route_prefix="/")
     client, anonymous = Client(f"http://127.0.0.1:{ray_serve}"), Client(f"http://127.0.0.1:{ray_serve}", None)
     assert anonymous.get("/health/live").status_code == 200
     wait_for(lambda: anonymous.get("/health/ready").status_code == 200, timeout=120, interval=0.5,
              message="model loaded in the replica")
+    probes = Client(f"http://127.0.0.1:{health_port}", None)  # the replica's own health listener
+    assert probes.get("/health/live").json() == {"status": "ok", "ready": True, "detail": None}
+    assert probes.get("/health/ready").status_code == 200
     assert anonymous.get("/streams").status_code == 401
     created = client.post("/streams", json={"stream_id": "cam1", "source": str(clip), "realtime": False})
     assert created.status_code == 201, created.text
@@ -50,7 +55,7 @@ def test_every_server_of_the_ray_session_listens_on_loopback_only(ray_serve):
     """Ray's GCS, raylet, workers and agents, and Serve's proxy: nothing reachable from another machine."""
     from ray import serve
 
-    from masklet.deploy.serve_app import app
+    from masklet.deploy.serve_deployment import app
 
     options = {"checkpoint": "random", "image_size": 256, "device": "cpu", "token": TOKEN, "max_batch_size": 2}
     serve.run(app(options), name="masklet", route_prefix="/")

@@ -42,7 +42,7 @@ def test_the_cli_builds_the_app_with_the_request_limits_of_serve_config_yaml():
     not Serve's defaults (5 ongoing, unbounded queue)."""
     import argparse
 
-    from masklet.deploy.serve_app import app
+    from masklet.deploy.serve_deployment import app
     from masklet.deploy.serve_cli import serve_options
 
     [api] = [d for d in _serve_config()["applications"][0]["deployments"] if d["name"] == "MaskletAPI"]
@@ -77,7 +77,7 @@ def _get(url: str, path: str, token: str | None = TOKEN) -> tuple[int, float, st
 def test_open_event_streams_never_block_the_api_on_ray_serve(ray_serve, clip):
     from ray import serve
 
-    from masklet.deploy.serve_app import app
+    from masklet.deploy.serve_deployment import app
     from masklet.pipeline.config import LimitsSettings
 
     options = {"checkpoint": "random", "image_size": 256, "device": "cpu", "token": TOKEN, "max_batch_size": 2}
@@ -113,3 +113,56 @@ def test_open_event_streams_never_block_the_api_on_ray_serve(ray_serve, clip):
     assert statistics.median(t for _, t, _ in over) < 0.5  # answered, not queued (the proxy hop included)
     assert {code for code, _, _ in health} == {200} and statistics.median(health_s) < 0.1
     assert [code for code, _, _ in others] == [200, 200, 200]
+
+
+def _probe(url: str, path: str) -> tuple[int, float]:
+    started = time.monotonic()
+    try:
+        code = requests.get(url + path, timeout=60).status_code
+    except requests.RequestException as exc:
+        code = type(exc).__name__
+    return code, time.monotonic() - started
+
+
+def test_the_health_listener_answers_while_a_flood_queues_in_serves_proxy(ray_serve, clip):
+    """Serve's proxy serves requests first come, first served, so under a flood every route of the API
+    port waits in its queue, /health/live too. The replica's health listener (serve.health_port) has
+    its own socket and thread: its probes must not wait behind the flood. The flood runs as another
+    process; the proxy's /health/live is probed in the same window as the listener, alternately."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ray import serve
+
+    from masklet.deploy.serve_deployment import app
+
+    health_port = free_port()
+    options = {"checkpoint": "random", "image_size": 256, "device": "cpu", "token": TOKEN, "max_batch_size": 2,
+               "health_port": health_port}
+    serve.run(app(options), name="masklet", route_prefix="/")
+    url, health_url = f"http://127.0.0.1:{ray_serve}", f"http://127.0.0.1:{health_port}"
+    wait_for(lambda: _probe(health_url, "/health/ready")[0] == 200, timeout=120, interval=0.5,
+             message="model loaded (health listener's readiness)")
+    assert _probe(health_url, "/health/live")[0] == 200 and _probe(health_url, "/nope")[0] == 404
+    flooder = subprocess.Popen([sys.executable, str(Path(__file__).with_name("flood_client.py")), str(ray_serve),
+                                "/health/live", TOKEN, "1000", "200"], stdout=subprocess.PIPE, text=True)
+    listener, proxy = [], []
+    try:
+        wait_for(lambda: _probe(url, "/health/live")[1] > 0.2, timeout=60, interval=0.01,
+                 message="the flood to queue requests in the proxy")
+        while flooder.poll() is None and len(proxy) < 40:
+            listener.append(_probe(health_url, "/health/live"))
+            proxy.append(_probe(url, "/health/live"))
+        out, _ = flooder.communicate(timeout=300)
+    finally:
+        flooder.kill()
+    in_flood = [(lc, lt, pc, pt) for (lc, lt), (pc, pt) in zip(listener, proxy)]
+    listener_s, proxy_s = sorted(t for _, t, _, _ in in_flood), sorted(t for _, _, _, t in in_flood)
+    print(f"flood {out.strip()}\nprobes in the flood: {len(in_flood)}; health listener p50 "
+          f"{statistics.median(listener_s) * 1000:.1f} ms max {listener_s[-1] * 1000:.1f} ms; via the proxy p50 "
+          f"{statistics.median(proxy_s) * 1000:.1f} ms max {proxy_s[-1] * 1000:.1f} ms")
+    assert len(in_flood) >= 3, "too few probes overlapped the flood to compare"
+    assert {c for c, _, _, _ in in_flood} == {200}, in_flood
+    # the listener does not queue behind the flood: an order of magnitude apart, robust to a loaded machine
+    assert statistics.median(listener_s) * 10 < statistics.median(proxy_s), in_flood
