@@ -18,8 +18,10 @@ Both bodies are the API's `Health` JSON. Anything else is 404; no request body i
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -28,6 +30,18 @@ from typing import Any, Callable, Optional
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 1.0
+# A replaced replica can still hold the port while it drains (graceful_shutdown_timeout_s: 20 s in
+# deploy/serve_config.yaml): the new one keeps trying for this long before giving up.
+BIND_RETRY_S = 60.0
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    block_on_close = False  # close() never waits for a slow or idle probe connection
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
 
 
 class Heartbeat:
@@ -64,6 +78,8 @@ class HealthListener:
         listener = self
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = 5  # a connection that sends nothing is dropped, not kept
+
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 code, body = listener.answer(self.path.split("?", 1)[0])
                 payload = json.dumps(body).encode()
@@ -79,8 +95,7 @@ class HealthListener:
             def log_message(self, *args: Any) -> None:  # probes every few seconds: no access log
                 pass
 
-        self._server = ThreadingHTTPServer((host, port), Handler)
-        self._server.daemon_threads = True
+        self._server = (_Server6 if ":" in host else _Server)((host, port), Handler)
         self.host, self.port = host, self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, name="masklet-health", daemon=True)
 
@@ -113,17 +128,53 @@ class HealthListener:
         self._server.server_close()
 
 
-def start_health_listener(host: str, port: Optional[int], heartbeat: Heartbeat,
-                          state: Callable[[], tuple[str, Optional[str]]], stall_s: float = 30.0) -> Optional[HealthListener]:
-    """Start it, or log why not and return None (port None: off; port taken: the API's own
-    /health/* routes still answer, through the proxy)."""
-    if port is None:
-        return None
-    try:
-        listener = HealthListener(host, port, heartbeat, state, stall_s).start()
-    except OSError as exc:
-        log.error("health listener on %s:%s not started (%s); /health/* is served on the API port only",
-                  host, port, exc)
-        return None
-    log.info("health listener on %s (/health/live, /health/ready)", listener.url)
-    return listener
+class HealthService:
+    """The replica's listener, started now or, while its port is still held (by the replica this one
+    replaces), by a retrying thread; `close()` stops either. Never raises: a listener that cannot
+    start is logged, and the API port's own /health/* routes still answer (through the proxy)."""
+
+    def __init__(self, host: str, port: Optional[int], heartbeat: Heartbeat,
+                 state: Callable[[], tuple[str, Optional[str]]], stall_s: float = 30.0,
+                 retry_s: float = BIND_RETRY_S) -> None:
+        self.listener: Optional[HealthListener] = None
+        self._args = (host, port, heartbeat, state, stall_s)
+        self._closed, self._lock = threading.Event(), threading.Lock()
+        if port is None or port == -1:  # -1: off, as on the command line
+            return
+        if not 0 <= port <= 65535:
+            log.error("health listener not started: port %s is not in 0-65535", port)
+            return
+        if not self._try(final=retry_s <= 0):
+            log.warning("health port %s:%s is taken; retrying for %.0f s (a replica being replaced?)",
+                        host, port, retry_s)
+            threading.Thread(target=self._retry, args=(retry_s,), name="masklet-health-bind", daemon=True).start()
+
+    def _try(self, final: bool) -> bool:
+        host, port, heartbeat, state, stall_s = self._args
+        try:
+            listener = HealthListener(host, port, heartbeat, state, stall_s)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE and not final:
+                return False
+            log.error("health listener on %s:%s not started (%s); /health/* is served on the API port only",
+                      host, port, exc)
+            return True
+        with self._lock:  # close() may run meanwhile, from the replica's shutdown
+            if self._closed.is_set():
+                listener.close()
+                return True
+            self.listener = listener.start()
+        log.info("health listener on %s (/health/live, /health/ready)", listener.url)
+        return True
+
+    def _retry(self, retry_s: float) -> None:
+        deadline = time.monotonic() + retry_s
+        while not self._closed.wait(1.0):
+            if self._try(final=time.monotonic() >= deadline):
+                return
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed.set()
+            if self.listener is not None:
+                self.listener.close()

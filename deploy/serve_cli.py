@@ -54,6 +54,7 @@ def _check_free(host: str, port: Any) -> None:
     if not port:
         return
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the listener binds: TIME_WAIT is free
         try:
             probe.bind((host, port))
         except OSError as exc:
@@ -69,6 +70,8 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         serve_overrides = {"host": args.host, "port": args.port}
         if args.health_port is not None:
+            if args.health_port == 0:
+                raise ValueError("--health-port 0 would pick a port no probe could know; give one, or -1 for none")
             serve_overrides["health_port"] = None if args.health_port == -1 else args.health_port
         settings = load_settings(args.config, serve=serve_overrides, model=model_overrides(args))
         _check_free(settings.serve.host, settings.serve.health_port)

@@ -15,7 +15,7 @@ from masklet.deploy.api_limits import (deployment_limits, in_flight_cap, replica
                                        settings_from_options)
 from masklet.deploy.api_runtime import SessionSlot
 from masklet.deploy.api_security import ApiLimits, generate_token
-from masklet.deploy.health_listener import Heartbeat, start_health_listener
+from masklet.deploy.health_listener import HealthService, Heartbeat
 from masklet.deploy.serve_app import create_app
 
 log = logging.getLogger(__name__)
@@ -53,9 +53,9 @@ def _serve_deployment() -> Any:
             self.slot = SessionSlot()
             self.heartbeat = Heartbeat()
             # Before the model loads, so liveness answers during a long load too.
-            self.health = start_health_listener(health_host, health_port, self.heartbeat,
-                                                lambda: (self.slot.state, self.slot.error),
-                                                stall_s=serve_settings.health_stall_s)
+            self.health = HealthService(health_host, health_port, self.heartbeat,
+                                        lambda: (self.slot.state, self.slot.error),
+                                        stall_s=serve_settings.health_stall_s)
             self.slot.load_in_background(lambda: build_live_session(self.settings, self.options))
 
         def __serve_build_asgi_app__(self) -> FastAPI:

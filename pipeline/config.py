@@ -283,6 +283,12 @@ class ServeSettings(_Section):
                                                           "event loop has not run for this long")
 
     @model_validator(mode="after")
+    def _health_port_apart(self) -> "ServeSettings":
+        if self.health_port == self.port:
+            raise ValueError(f"serve.health_port ({self.health_port}) must differ from serve.port; null turns it off")
+        return self
+
+    @model_validator(mode="after")
     def _token_off_loopback(self) -> "ServeSettings":
         if self.host not in _LOOPBACK_HOSTS and self.api_token is None:
             raise ValueError(f"serving on {self.host} (beyond loopback) requires an api_token (MASKLET_API_TOKEN)")

@@ -8,7 +8,7 @@ import time
 import pytest
 import requests
 
-from masklet.deploy.health_listener import Heartbeat, HealthListener, start_health_listener
+from masklet.deploy.health_listener import HealthListener, HealthService, Heartbeat
 
 
 @pytest.fixture()
@@ -64,14 +64,55 @@ def test_the_app_event_loop_beats_while_the_app_runs():
         wait_for(lambda: heartbeat.last != first, timeout=30, message="a second beat")
 
 
-def test_a_taken_port_logs_and_returns_none(caplog):
+def test_a_taken_port_is_retried_until_the_replica_it_replaces_lets_go(caplog):
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    service = HealthService("127.0.0.1", port, Heartbeat(), lambda: ("ready", None), retry_s=60)
+    try:
+        assert service.listener is None and "retrying" in caplog.text
+        taken.close()  # the old replica has drained
+        deadline = time.monotonic() + 30
+        while service.listener is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert service.listener is not None
+        assert requests.get(f"http://127.0.0.1:{port}/health/live", timeout=10).status_code == 200
+    finally:
+        service.close()
+        taken.close()
+
+
+def test_a_port_still_taken_after_the_retries_leaves_the_listener_off(caplog):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        port = taken.getsockname()[1]
-        assert start_health_listener("127.0.0.1", port, Heartbeat(), lambda: ("ready", None)) is None
-    assert "not started" in caplog.text
-    assert start_health_listener("127.0.0.1", None, Heartbeat(), lambda: ("ready", None)) is None
+        service = HealthService("127.0.0.1", taken.getsockname()[1], Heartbeat(), lambda: ("ready", None), retry_s=0)
+        assert service.listener is None and "not started" in caplog.text
+        service.close()
+
+
+@pytest.mark.parametrize("port", [None, -1, 70000])
+def test_off_or_impossible_ports_start_nothing_and_raise_nothing(port):
+    service = HealthService("127.0.0.1", port, Heartbeat(), lambda: ("ready", None))
+    assert service.listener is None
+    service.close()
+
+
+def test_an_ipv6_loopback_host_is_served():
+    service = HealthService("::1", 0, Heartbeat(), lambda: ("ready", None), retry_s=0)
+    try:
+        assert service.listener is not None, "no IPv6 loopback here?"
+        assert requests.get(f"http://[::1]:{service.listener.port}/health/ready", timeout=10).status_code == 200
+    finally:
+        service.close()
+
+
+def test_health_port_must_differ_from_the_api_port():
+    from masklet.pipeline.config import ConfigError, load_settings
+
+    with pytest.raises((ConfigError, ValueError), match="must differ from serve.port"):
+        load_settings(None, serve={"port": 8001})
 
 
 def test_masklet_serve_refuses_a_taken_health_port_before_starting_ray(capsys):
@@ -87,6 +128,8 @@ def test_masklet_serve_refuses_a_taken_health_port_before_starting_ray(capsys):
         assert run_serve(args) == 2
     err = capsys.readouterr().err
     assert f"health port 127.0.0.1:{port} is not free" in err and "--health-port" in err, err
+    args.health_port = 0
+    assert run_serve(args) == 2 and "--health-port 0" in capsys.readouterr().err
 
 
 def test_serve_options_place_the_health_listener_beside_the_api():
