@@ -87,12 +87,18 @@ class PublisherActor:
                 errors.append(str(error))
         return tuple(errors)
 
-    def publish(self, meta: FrameMeta, rgb: Optional[np.ndarray], picks: tuple[tuple[int, Optional[int]], ...],
-                *packs: Any) -> PublishAck:
-        """Publish one frame. Its results are `packs[p][i]` for each (p, i) in `picks`, or `packs[p]`
-        itself where i is None (`publish_args` lays them out)."""
+    def publish_frames(self, frames: tuple[tuple[FrameMeta, Optional[int], tuple], ...],
+                       *values: Any) -> tuple[PublishAck, ...]:
+        """Publish several frames, in order, in one call: the frames a round completed. Each is
+        (meta, rgb slot or None, picks) over `values` (`publish_frames_args` lays them out); a
+        tracker call's pack is passed once for all the frames it holds results of. One call per
+        frame cost the driver and raylet more than the publishing itself (measured: 1 of 1.85
+        actor calls per frame were publishes, 2 streams x 8 objects, null model)."""
+        return tuple(self._publish(meta, None if rgb is None else values[rgb], _picked(picks, values))
+                     for meta, rgb, picks in frames)
+
+    def _publish(self, meta: FrameMeta, rgb: Optional[np.ndarray], results: tuple) -> PublishAck:
         start = time.perf_counter()
-        results = tuple(packs[p] if i is None else packs[p][i] for p, i in picks)
         stream = self.streams.get(meta.stream_id)
         if stream is None:
             raise KeyError(f"stream {meta.stream_id!r} is not open on this publisher")
@@ -150,21 +156,33 @@ def _call(sink: Any, method: str, *args: Any) -> Any:
         return f"{getattr(sink, 'name', type(sink).__name__)}: {type(exc).__name__}: {exc}"
 
 
-def publish_args(results: Sequence[Any]) -> tuple[tuple[tuple[int, Optional[int]], ...], list[Any]]:
-    """(picks, packs) for `PublisherActor.publish` from results that are `PackedResult`s or plain
-    ObjectResults (or references to them): each tracker call's pack is passed once, however many of
-    its results the frame has."""
-    packs: list[Any] = []
-    slot: dict[int, int] = {}
-    picks = []
-    for result in results:
-        if isinstance(result, PackedResult):
-            key = id(result.ref)
-            if key not in slot:
-                slot[key] = len(packs)
-                packs.append(result.ref)
-            picks.append((slot[key], result.index))
-        else:  # a result (or a reference to one) of its own: a top-level argument, so Ray resolves it
-            picks.append((len(packs), None))
-            packs.append(result)
-    return tuple(picks), packs
+def _picked(picks: tuple, values: Sequence[Any]) -> tuple:
+    return tuple(values[p] if i is None else values[p][i] for p, i in picks)
+
+
+class _Layout:
+    """Top-level call arguments, each distinct value once: a tracker call's pack (shared by all its
+    results), a lone result, or a frame's pixels. Top-level, so Ray resolves references."""
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+        self._slot: dict[int, int] = {}
+
+    def slot(self, value: Any) -> int:
+        key = id(value)
+        if key not in self._slot:
+            self._slot[key] = len(self.values)
+            self.values.append(value)
+        return self._slot[key]
+
+    def picks(self, results: Sequence[Any]) -> tuple[tuple[int, Optional[int]], ...]:
+        return tuple((self.slot(r.ref), r.index) if isinstance(r, PackedResult) else (self.slot(r), None)
+                     for r in results)
+
+
+def publish_frames_args(frames: Sequence[tuple[FrameMeta, Any, Sequence[Any]]]) -> tuple[tuple, list[Any]]:
+    """(frames, values) for `PublisherActor.publish_frames` from (meta, rgb or None, results) per frame."""
+    layout = _Layout()
+    laid = tuple((meta, None if rgb is None else layout.slot(rgb), layout.picks(results))
+                 for meta, rgb, results in frames)
+    return laid, layout.values

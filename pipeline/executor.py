@@ -31,7 +31,7 @@ from masklet.actors.backend import ActorCallError, ActorDiedError, ActorHandle, 
 from masklet.actors.decoder import DecoderActor
 from masklet.actors.encoder import EncoderActor
 from masklet.actors.payloads import ModelSpec, PackedResult
-from masklet.actors.publisher import PublisherActor, publish_args
+from masklet.actors.publisher import PublisherActor, publish_frames_args
 from masklet.actors.shard import FrameKey, ShardActor
 from masklet.actors.tracker import ObjectKey, TrackerActor
 from masklet.monitoring.stats import Stats, StatsSnapshot, merge
@@ -138,6 +138,7 @@ class Executor:
         """Dispatch one round of commands; tracker ops leave as one `run` call per tracker actor."""
         batches: dict[str, _TrackerBatch] = {}
         decodes: dict[str, tuple[ActorHandle, list]] = {}
+        publishes: dict[str, list] = {}
         for cmd in commands:
             if isinstance(cmd, (c.OpenObject, c.Step, c.Refine, c.BranchBackward, c.Snapshot, c.CloseObject)):
                 self._add_tracker_op(cmd, batches)
@@ -154,12 +155,16 @@ class Executor:
                 self._restartable.add(cmd.stream_id)
                 actor = self.decoders.place(cmd.stream_id)
                 decodes.setdefault(actor.name, (actor, []))[1].append(cmd)
+            elif isinstance(cmd, c.Publish):
+                publishes.setdefault(cmd.meta.stream_id, []).append(cmd)
             else:
                 self._submit_io(cmd)
         for batch in batches.values():
             self._send_tracker_batch(batch)
         for actor, cmds in decodes.values():
             self._send_decodes(actor, cmds)
+        for sid, cmds in publishes.items():
+            self._send_publishes(sid, cmds)
 
     def _call(self, kind: str, actor: ActorHandle, method: str, *args: Any, payload: Any = None,
               num_returns: int = 1) -> Any:
@@ -189,11 +194,6 @@ class Executor:
                 self._restartable.add(sid)
             self._publisher_info[sid] = cmd
             self._call("publisher_open", self.publishers.place(sid), "open", cmd.info, cmd.sink_factory, payload=cmd)
-        elif isinstance(cmd, c.Publish):
-            actor = self.publishers.actor_of(cmd.meta.stream_id)
-            if actor is not None:
-                picks, packs = publish_args(cmd.results)
-                self._call("publish", actor, "publish", cmd.meta, cmd.rgb, picks, *packs, payload=cmd)
         elif isinstance(cmd, c.ClosePublisher):
             actor = self.publishers.actor_of(cmd.stream_id)
             self._publisher_info.pop(cmd.stream_id, None)
@@ -266,6 +266,14 @@ class Executor:
         for i, (slot, index) in where.items():
             values[i] = out[slot] if index is None else PackedResult(out[slot], index)
         self._pending[out[0]].payload = (ordered, values)
+
+    def _send_publishes(self, stream_id: str, cmds: list) -> None:
+        """A round's frames of one stream in one call, in order (a call per frame cost the driver and
+        raylet more than publishing did). Per stream, so a failing call fails only its own stream."""
+        actor = self.publishers.actor_of(stream_id)
+        if actor is not None:
+            frames, values = publish_frames_args([(cmd.meta, cmd.rgb, cmd.results) for cmd in cmds])
+            self._call("publish", actor, "publish_frames", frames, *values, payload=tuple(cmds))
 
     def _send_decodes(self, actor: ActorHandle, cmds: list) -> None:
         out = self._call("decode", actor, "decode", *[cmd.image for cmd in cmds], num_returns=len(cmds) + 1)

@@ -76,9 +76,8 @@ def _publisher_open(ex: "Executor", call: "_Call", errors: Any, out: list) -> No
     out.append(c.PublisherOpened(call.payload.info.stream_id, tuple(errors)))
 
 
-def _publish(ex: "Executor", call: "_Call", ack: Any, out: list) -> None:
-    cmd = call.payload
-    out.append(c.Published(cmd.meta.stream_id, cmd.meta.frame_idx, ack, cmd.tag))
+def _publish(ex: "Executor", call: "_Call", acks: Any, out: list) -> None:
+    out.extend(c.Published(cmd.meta.stream_id, cmd.meta.frame_idx, ack, cmd.tag) for cmd, ack in zip(call.payload, acks))
 
 
 def _publisher_close(ex: "Executor", call: "_Call", errors: Any, out: list) -> None:
@@ -93,7 +92,7 @@ _HANDLERS = {"open_source": _open_source, "read": _read, "decode": _decode, "enc
 
 
 def _stream_of(call: "_Call") -> str:
-    payload = call.payload[0] if isinstance(call.payload, tuple) else call.payload
+    payload = call.payload[0] if isinstance(call.payload, tuple) else call.payload  # publish: (cmds); others: (cmd, ...)
     if isinstance(payload, c.Publish):
         return payload.meta.stream_id
     if isinstance(payload, c.OpenPublisher):
@@ -216,8 +215,8 @@ def _lose_publisher(ex: "Executor", call: "_Call", message: str, out: list) -> N
             out.append(c.StreamFailed(sid, f"publisher died ({message}); outputs are incomplete"))
     if again:
         # Live streams have no files to lose: reopen on a new publisher, then republish in order.
-        publishes = sorted((p.payload for p in calls if p.kind == "publish" and _stream_of(p) in ex._restartable),
-                           key=lambda cmd: (cmd.meta.stream_id, cmd.meta.frame_idx))
+        publishes = sorted((cmd for p in calls if p.kind == "publish" and _stream_of(p) in ex._restartable
+                            for cmd in p.payload), key=lambda cmd: (cmd.meta.stream_id, cmd.meta.frame_idx))
         ex.event("publisher_restarted", None, f"publisher died ({message}); reopening {len(again)} live streams")
         ex.submit(again + publishes)  # calls to one actor run in order: each open precedes its publishes
 

@@ -202,7 +202,8 @@ def test_a_tracker_call_returns_its_step_results_as_one_pack_and_snapshots_apart
     outweighed publishing); snapshots, kept for recovery, come back as values of their own."""
     from masklet.actors import tracker as tk
     from masklet.actors.payloads import ObjectResult, PackedResult
-    from masklet.actors.publisher import publish_args
+    from masklet.actors.payloads import FrameMeta
+    from masklet.actors.publisher import publish_frames_args
     from masklet.model.null_model import build_null_model
 
     spec = ModelSpec("null", None, 64, "cpu", factory="masklet.model.null_model:build_null_model")
@@ -221,9 +222,12 @@ def test_a_tracker_call_returns_its_step_results_as_one_pack_and_snapshots_apart
     # A call with neither steps nor snapshots returns its statuses alone.
     assert tk.return_layout([tk.CloseObject(b)]) == (1, {})
     assert actor.run([tk.CloseObject(b)]) == (tk.OpStatus(),)
-    # A frame's publish takes each pack once, however many of its results it needs.
-    picks, packs = publish_args([PackedResult("pack", 1), PackedResult("pack", 0), pack[0]])
-    assert picks == ((0, 1), (0, 0), (1, None)) and packs == ["pack", pack[0]]
+    # One publish call takes each pack once, however many of its results its frames need; pixels too.
+    m0, m1 = FrameMeta("s", 0, 0.0, 64, 48), FrameMeta("s", 1, 0.0, 64, 48)
+    frames, values = publish_frames_args([(m0, None, [PackedResult("pack", 1), PackedResult("pack", 0), pack[0]]),
+                                          (m1, "rgb1", [PackedResult("pack2", 0), PackedResult("pack", 1)])])
+    assert values == ["pack", pack[0], "rgb1", "pack2"]
+    assert frames == ((m0, None, ((0, 1), (0, 0), (1, None))), (m1, 2, ((3, 0), (0, 1))))
 
 
 class _PixelProbe:
