@@ -1,4 +1,5 @@
-"""Flow control of `masklet run`'s frames partitions: pause/resume, the stall watchdog, and lag.
+"""Flow control of `masklet run`'s frames partitions: pause/resume, the stall watchdog, the fetch
+wait, and lag.
 
 Kept apart from the runner because each piece works around a measured quirk of kafka-python
 3.0.12 against Tansu, and they share one piece of state: the next offset to consume per partition.
@@ -20,6 +21,7 @@ class FramesFetch:
         self.report = report                               # counts `parked_restores`
         self.paused = False
         self._next_offset: dict[TopicPartition, int] = {}  # next offset to consume
+        self.fetch_wait_ms: Optional[int] = None           # as last set by `set_fetch_wait`
 
     def partitions(self) -> list[TopicPartition]:
         return [tp for tp in self.consumer.assignment() if tp.topic == self.topic]
@@ -52,6 +54,23 @@ class FramesFetch:
             for tp in tps:
                 if tp in self._next_offset:
                     self.consumer.seek(tp, self._next_offset[tp])
+
+    def set_fetch_wait(self, wait_ms: int) -> bool:
+        """Change how long the broker may hold this consumer's next fetches (the profile's
+        `fetch_max_wait_ms` or, while the session is behind, `busy_fetch_max_wait_ms`).
+
+        kafka-python reads the value from its fetcher's config each time it builds a fetch request
+        and has no public setter; tests/kafka/test_kafka_fetch_wait.py checks that this is still
+        so. Returns False (and changes nothing) on a kafka-python without that config."""
+        if wait_ms == self.fetch_wait_ms:
+            return True
+        config = getattr(getattr(self.consumer, "_fetcher", None), "config", None)
+        if not isinstance(config, dict) or "fetch_max_wait_ms" not in config:
+            return False
+        config["fetch_max_wait_ms"] = wait_ms
+        self.fetch_wait_ms = wait_ms
+        self.report.fetch_wait_changes += 1
+        return True
 
     def _restore_parked_records(self) -> None:
         """Work around a kafka-python 3.0.12 bug that stalls a resumed partition forever.

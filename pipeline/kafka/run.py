@@ -61,6 +61,7 @@ class RunReport:
     dead_letters: int = 0
     commits: int = 0
     parked_restores: int = 0  # kafka-python work-around applied on resume (FramesFetch._restore_parked_records)
+    fetch_wait_changes: int = 0  # switches between the profile's fetch waits (FramesFetch.set_fetch_wait)
     forwarded: int = 0        # records moved to their stream's home partition (reroute.py)
     lost_frames: int = 0      # frames missing from their stream after the reorder window
     lost: dict = field(default_factory=dict)   # stream id -> [(first, last), ...] lost frame indices
@@ -146,6 +147,8 @@ class KafkaRunner:
         capacity = self.session.config.queue_capacity
         if self.overload == "pause":
             self.fetch.pause_or_resume(full=self.intake.buffered() >= capacity)
+        self.fetch.set_fetch_wait(self.profile.busy_fetch_max_wait_ms if self._behind(capacity)
+                                  else self.profile.fetch_max_wait_ms)
         batch = self.consumer.poll(timeout_ms=self._poll_timeout_ms())
         records = [record for records in batch.values() for record in records]
         for record in records:  # prompts first: a frame of this batch must not overtake them
@@ -167,6 +170,10 @@ class KafkaRunner:
         self._maybe_commit()
         self._update_lag()
         return bool(records or released or settled)
+
+    def _behind(self, capacity: int) -> bool:
+        """A stream's queue is full: the session, not the fetch, sets the pace."""
+        return any(self.session.status(s).lag_frames >= capacity for s in self.intake.streams)
 
     def _poll_timeout_ms(self) -> int:
         if not self.intake.streams and not self.order.waiting():

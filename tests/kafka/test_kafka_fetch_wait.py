@@ -1,0 +1,69 @@
+"""`masklet run` polls fast while it keeps up and slowly while its session is behind
+(`Profile.busy_fetch_max_wait_ms`): at the edge of a 2-core machine the live profile's 20 ms fetch
+waits took CPU the model needed (pipeline/kafka/README.md, "Latency").
+
+The switch goes through kafka-python's fetcher config, which has no public setter; the first test
+pins down that kafka-python still builds every fetch request from it, so an upgrade that changes
+this fails here rather than silently leaving the wait fixed."""
+from __future__ import annotations
+
+import time
+
+from kafka import KafkaConsumer, TopicPartition
+
+from masklet.pipeline.kafka.client import PROFILES, consumer_kwargs, topic_partitions
+from masklet.pipeline.kafka.fetch import FramesFetch
+from masklet.pipeline.kafka.run import RunReport
+from tests.kafka.test_kafka_lag import publish, runner_for
+
+
+def test_each_fetch_request_carries_the_wait_set_last(kafka_settings):
+    consumer = KafkaConsumer(**consumer_kwargs(kafka_settings, group=False))
+    sent: list[int] = []
+    build = consumer._fetcher._create_fetch_requests  # noqa: SLF001 - the seam under test
+
+    def recording():
+        requests = build()
+        sent.extend(request.max_wait_ms for request, _ in requests.values())
+        return requests
+
+    consumer._fetcher._create_fetch_requests = recording  # noqa: SLF001
+    topic = kafka_settings.topics.frames
+    consumer.assign([TopicPartition(topic, p) for p in topic_partitions(consumer, topic)])
+    fetch = FramesFetch(consumer, topic, RunReport())
+    try:
+        for wait in (PROFILES["live"].fetch_max_wait_ms, 123, PROFILES["live"].fetch_max_wait_ms):
+            assert fetch.set_fetch_wait(wait) and fetch.fetch_wait_ms == wait
+            sent.clear()
+            deadline = time.monotonic() + 20
+            while len(sent) < 2 and time.monotonic() < deadline:
+                consumer.poll(timeout_ms=150)
+            # the request in flight when the wait changed may carry the old value; the next ones not
+            assert sent[1:] and set(sent[1:]) == {wait}, (wait, sent)
+    finally:
+        consumer.close()
+    assert fetch.report.fetch_wait_changes == 3
+    assert FramesFetch(object(), topic, RunReport()).set_fetch_wait(100) is False  # no such config: untouched
+
+
+def test_the_runner_waits_longer_while_its_session_is_behind_and_returns_to_live_waits(kafka_settings):
+    """A 30-frame backlog into a queue of 2: the session is behind until the backlog is worked off,
+    then idle. The fetch wait follows: busy, then the live profile's again."""
+    live = PROFILES["live"]
+    publish(kafka_settings, "cam", 30)
+    runner = runner_for(kafka_settings, "fetch-wait", queue_capacity=2)
+    waits: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (runner.report.frames >= 30 and runner._drained()):  # noqa: SLF001
+            runner.step()
+            waits.append(runner.fetch.fetch_wait_ms)
+        for _ in range(5):  # idle now
+            runner.step()
+            waits.append(runner.fetch.fetch_wait_ms)
+    finally:
+        runner.close()
+    assert runner.report.frames >= 30, runner.report.summary()
+    assert live.busy_fetch_max_wait_ms in waits, waits  # behind while the backlog was worked off
+    assert waits[0] == live.fetch_max_wait_ms and waits[-1] == live.fetch_max_wait_ms, waits
+    assert runner.report.fetch_wait_changes >= 3, waits
