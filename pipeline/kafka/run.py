@@ -112,6 +112,7 @@ class KafkaRunner:
             partition_assignment_strategy=(RangePartitionAssignor,)))
         self.consumer.subscribe([settings.topics.frames, settings.topics.prompts], listener=_Listener(self))
         self.fetch = FramesFetch(self.consumer, settings.topics.frames, self.report)
+        self._dropped_seen: dict[str, int] = {}  # per stream, frames_dropped at the last `_behind`
         live = settings.live
         self.order = PromptOrder(self.consumer, max_wait_s=live.prompt_wait_ms / 1000, stats=self.stats)
         max_gap = getattr(limits, "max_frame_gap", 100_000)
@@ -172,8 +173,15 @@ class KafkaRunner:
         return bool(records or released or settled)
 
     def _behind(self, capacity: int) -> bool:
-        """A stream's queue is full: the session, not the fetch, sets the pace."""
-        return any(self.session.status(s).lag_frames >= capacity for s in self.intake.streams)
+        """A stream's queue is full, or it dropped a frame since the last look: the session, not the
+        fetch, sets the pace."""
+        behind = False
+        for stream_id in self.intake.streams:
+            status = self.session.status(stream_id)
+            dropped = self._dropped_seen.get(stream_id, 0)
+            self._dropped_seen[stream_id] = status.frames_dropped
+            behind = behind or status.lag_frames >= capacity or status.frames_dropped > dropped
+        return behind
 
     def _poll_timeout_ms(self) -> int:
         if not self.intake.streams and not self.order.waiting():

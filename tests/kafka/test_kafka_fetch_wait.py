@@ -47,23 +47,68 @@ def test_each_fetch_request_carries_the_wait_set_last(kafka_settings):
 
 
 def test_the_runner_waits_longer_while_its_session_is_behind_and_returns_to_live_waits(kafka_settings):
-    """A 30-frame backlog into a queue of 2: the session is behind until the backlog is worked off,
-    then idle. The fetch wait follows: busy, then the live profile's again."""
+    """Frames flow through a real runner; for the first steps its session reports a full queue on
+    the stream (a fast fake model rarely leaves one full at the moment the runner looks, so it is
+    forced), then its own figures. The fetch wait follows: busy, then the live profile's again."""
+    import dataclasses
+
     live = PROFILES["live"]
-    publish(kafka_settings, "cam", 30)
+    publish(kafka_settings, "cam", 10)
     runner = runner_for(kafka_settings, "fetch-wait", queue_capacity=2)
+    real_status, forced = runner.session.status, {"on": True}
+
+    def status(stream_id):
+        figures = real_status(stream_id)
+        return dataclasses.replace(figures, lag_frames=2) if forced["on"] else figures
+
+    runner.session.status = status
     waits: list[int] = []
     try:
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not (runner.report.frames >= 30 and runner._drained()):  # noqa: SLF001
+        while not runner.intake.streams and time.monotonic() < deadline:  # until the stream is open
             runner.step()
             waits.append(runner.fetch.fetch_wait_ms)
-        for _ in range(5):  # idle now
+        for _ in range(3):
             runner.step()
             waits.append(runner.fetch.fetch_wait_ms)
+        forced["on"] = False
+        while time.monotonic() < deadline and not (runner.report.frames >= 10 and runner._drained()):  # noqa: SLF001
+            runner.step()
+            waits.append(runner.fetch.fetch_wait_ms)
+        runner.step()
+        waits.append(runner.fetch.fetch_wait_ms)
     finally:
         runner.close()
-    assert runner.report.frames >= 30, runner.report.summary()
-    assert live.busy_fetch_max_wait_ms in waits, waits  # behind while the backlog was worked off
-    assert waits[0] == live.fetch_max_wait_ms and waits[-1] == live.fetch_max_wait_ms, waits
+    assert runner.report.frames == 10, runner.report.summary()
+    assert waits[0] == live.fetch_max_wait_ms, waits  # no stream yet: nothing is behind
+    assert live.busy_fetch_max_wait_ms in waits, waits
+    assert waits[-1] == live.fetch_max_wait_ms, waits
     assert runner.report.fetch_wait_changes >= 3, waits
+
+
+def test_a_dropped_frame_counts_as_behind_even_when_the_queue_has_room_again(kafka_settings):
+    import dataclasses
+
+    live = PROFILES["live"]
+    publish(kafka_settings, "cam", 4)
+    runner = runner_for(kafka_settings, "fetch-wait-drops", queue_capacity=8)  # no real drop
+    real_status, extra = runner.session.status, {"dropped": 0}
+
+    def status(stream_id):
+        figures = real_status(stream_id)
+        return dataclasses.replace(figures, lag_frames=0, frames_dropped=figures.frames_dropped + extra["dropped"])
+
+    runner.session.status = status
+    try:
+        deadline = time.monotonic() + 60
+        while not runner.intake.streams and time.monotonic() < deadline:
+            runner.step()
+        runner.step()
+        assert runner.fetch.fetch_wait_ms == live.fetch_max_wait_ms
+        extra["dropped"] = 1  # one more drop since the last look
+        runner.step()
+        assert runner.fetch.fetch_wait_ms == live.busy_fetch_max_wait_ms
+        runner.step()  # no new drop, room in the queue
+        assert runner.fetch.fetch_wait_ms == live.fetch_max_wait_ms
+    finally:
+        runner.close()
