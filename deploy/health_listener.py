@@ -65,6 +65,13 @@ class Heartbeat:
             await asyncio.sleep(interval_s)
 
 
+def not_ready(state: str, error: Optional[str]) -> dict:
+    """The `Health` body of a replica whose session is not ready (slot state "loading" or "failed"):
+    one answer for the API's /health/ready and this listener's."""
+    return {"status": "loading" if state == "loading" else "unavailable", "ready": False,
+            "detail": error or "model is loading"}
+
+
 class HealthListener:
     """Serves /health/live and /health/ready on (host, port) from a daemon thread.
 
@@ -115,8 +122,7 @@ class HealthListener:
         if path == "/health/ready":
             if ready:
                 return 200, {"status": "ok", "ready": True, "detail": None}
-            return 503, {"status": "loading" if state == "loading" else "unavailable", "ready": False,
-                         "detail": error or "model is loading"}
+            return 503, not_ready(state, error)
         return 404, {"detail": "not found: this port serves /health/live and /health/ready"}
 
     @property

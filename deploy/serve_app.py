@@ -27,7 +27,7 @@ from masklet.deploy.api_models import AddObject, CreateStream, Health, ObjectAcc
 from masklet.deploy.api_runtime import KafkaProbe, OutputHub, SessionSlot, StreamRegistry
 from masklet.deploy.api_limits import deployment_limits, in_flight_cap
 from masklet.deploy.api_security import ApiLimits, GuardMiddleware
-from masklet.deploy.health_listener import Heartbeat
+from masklet.deploy.health_listener import Heartbeat, not_ready
 from masklet.actors.messages import MessageError
 from masklet.actors.prompt_limits import PromptLimitError, check_object_count, prompt_to_model
 from masklet.actors.rle import RleError
@@ -134,8 +134,7 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
         if slot.state != "ready":
             response.status_code = 503
             response.headers["Retry-After"] = "5"
-            return Health(status="loading" if slot.state == "loading" else "unavailable", ready=False,
-                          detail=slot.error or "model is loading")
+            return Health(**not_ready(slot.state, slot.error))
         if kafka_probe is not None:
             reachable, detail = kafka_probe()
             if not reachable:

@@ -175,12 +175,11 @@ class KafkaRunner:
     def _behind(self, capacity: int) -> bool:
         """A stream's queue is full, or it dropped a frame since the last look: the session, not the
         fetch, sets the pace."""
-        behind = False
+        behind, seen, self._dropped_seen = False, self._dropped_seen, {}  # streams that closed drop out
         for stream_id in self.intake.streams:
             status = self.session.status(stream_id)
-            dropped = self._dropped_seen.get(stream_id, 0)
             self._dropped_seen[stream_id] = status.frames_dropped
-            behind = behind or status.lag_frames >= capacity or status.frames_dropped > dropped
+            behind = behind or status.lag_frames >= capacity or status.frames_dropped > seen.get(stream_id, 0)
         return behind
 
     def _poll_timeout_ms(self) -> int:
