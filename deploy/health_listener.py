@@ -13,7 +13,8 @@ What it reports:
 - `GET /health/live`: 200 while the app's event loop keeps beating (a heartbeat coroutine stamps
   the time every second); 503 once it has been silent for `stall_s` (the replica is wedged: a
   restart helps). Before the app has started there is no beat yet, and the answer is 200.
-- `GET /health/ready`: 200 once the model is loaded, else 503 with the slot's state.
+- `GET /health/ready`: 200 once the model is loaded and, with Kafka, a broker accepts connections;
+  else 503 with the reason (`readiness`: the same answer as the API port's /health/ready).
 Both bodies are the API's `Health` JSON. Anything else is 404; no request body is read.
 """
 from __future__ import annotations
@@ -72,16 +73,31 @@ def not_ready(state: str, error: Optional[str]) -> dict:
             "detail": error or "model is loading"}
 
 
+def readiness(state: str, error: Optional[str],
+              probe: Optional[Callable[[], tuple[bool, str]]] = None) -> tuple[int, dict]:
+    """/health/ready's status code and `Health` body, for the API and this listener alike: ready once
+    the session slot is "ready" and `probe` (the Kafka reachability check, when the API reads Kafka)
+    passes."""
+    if state != "ready":
+        return 503, not_ready(state, error)
+    if probe is not None:
+        reachable, detail = probe()
+        if not reachable:
+            return 503, {"status": "unavailable", "ready": False, "detail": detail}
+    return 200, {"status": "ok", "ready": True, "detail": ""}
+
+
 class HealthListener:
     """Serves /health/live and /health/ready on (host, port) from a daemon thread.
 
     `state()` returns the session slot's state ("loading", "ready", "failed") and its error; it
-    must not block. `port=0` picks a free port (`.port` says which).
+    must not block. `probe` (optional) is the readiness check beyond the slot: the Kafka probe, which
+    caches its answer. `port=0` picks a free port (`.port` says which).
     """
 
     def __init__(self, host: str, port: int, heartbeat: Heartbeat, state: Callable[[], tuple[str, Optional[str]]],
-                 stall_s: float = 30.0) -> None:
-        self.heartbeat, self.state, self.stall_s = heartbeat, state, stall_s
+                 stall_s: float = 30.0, probe: Optional[Callable[[], tuple[bool, str]]] = None) -> None:
+        self.heartbeat, self.state, self.stall_s, self.probe = heartbeat, state, stall_s, probe
         listener = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -118,11 +134,9 @@ class HealthListener:
             if silent > self.stall_s:
                 return 503, {"status": "unavailable", "ready": ready,
                              "detail": f"the API event loop has not run for {silent:.0f} s"}
-            return 200, {"status": "ok", "ready": ready, "detail": None}
+            return 200, {"status": "ok", "ready": ready, "detail": ""}
         if path == "/health/ready":
-            if ready:
-                return 200, {"status": "ok", "ready": True, "detail": None}
-            return 503, not_ready(state, error)
+            return readiness(state, error, self.probe)
         return 404, {"detail": "not found: this port serves /health/live and /health/ready"}
 
     @property
@@ -141,9 +155,9 @@ class HealthService:
 
     def __init__(self, host: str, port: Optional[int], heartbeat: Heartbeat,
                  state: Callable[[], tuple[str, Optional[str]]], stall_s: float = 30.0,
-                 retry_s: float = BIND_RETRY_S) -> None:
+                 retry_s: float = BIND_RETRY_S, probe: Optional[Callable[[], tuple[bool, str]]] = None) -> None:
         self.listener: Optional[HealthListener] = None
-        self._args = (host, port, heartbeat, state, stall_s)
+        self._args = (host, port, heartbeat, state, stall_s, probe)
         self._closed, self._lock = threading.Event(), threading.Lock()
         if port is None or port == -1:  # -1: off, as on the command line
             return
@@ -156,9 +170,9 @@ class HealthService:
             threading.Thread(target=self._retry, args=(retry_s,), name="masklet-health-bind", daemon=True).start()
 
     def _try(self, final: bool) -> bool:
-        host, port, heartbeat, state, stall_s = self._args
+        host, port, heartbeat, state, stall_s, probe = self._args
         try:
-            listener = HealthListener(host, port, heartbeat, state, stall_s)
+            listener = HealthListener(host, port, heartbeat, state, stall_s, probe)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE and not final:
                 return False

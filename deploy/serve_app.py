@@ -27,7 +27,7 @@ from masklet.deploy.api_models import AddObject, CreateStream, Health, ObjectAcc
 from masklet.deploy.api_runtime import KafkaProbe, OutputHub, SessionSlot, StreamRegistry
 from masklet.deploy.api_limits import deployment_limits, in_flight_cap
 from masklet.deploy.api_security import ApiLimits, GuardMiddleware
-from masklet.deploy.health_listener import Heartbeat, not_ready
+from masklet.deploy.health_listener import Heartbeat, readiness
 from masklet.actors.messages import MessageError
 from masklet.actors.prompt_limits import PromptLimitError, check_object_count, prompt_to_model
 from masklet.actors.rle import RleError
@@ -43,7 +43,8 @@ SSE_HEARTBEAT_S = 15.0
 
 def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token: Optional[str] = None,
                kafka: Optional[KafkaSettings] = None, limits: Optional[LimitsSettings] = None,
-               max_in_flight: Optional[int] = None, heartbeat: Optional[Heartbeat] = None) -> FastAPI:
+               max_in_flight: Optional[int] = None, heartbeat: Optional[Heartbeat] = None,
+               kafka_probe: Optional[KafkaProbe] = None) -> FastAPI:
     """The API over `session` (a LiveSession, or a SessionSlot whose session is still loading).
 
     The app owns `session.poll()` (it fans records out to /events); `token` defaults to the
@@ -51,7 +52,8 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
     `limits` (settings.limits) bound prompts, objects, SSE feeds and requests in flight;
     `max_in_flight` caps ordinary requests (default: limits.max_in_flight_requests, checked against
     deploy/serve_config.yaml's max_ongoing_requests, see `in_flight_cap`). `heartbeat` is stamped
-    every second by the app's event loop while it runs (the health listener reads it).
+    every second by the app's event loop while it runs (the health listener reads it);
+    `kafka_probe` is the readiness check of `kafka` (default: a new one), shared with the listener.
     """
     settings = settings or ServeSettings()
     limits_settings = limits or LimitsSettings()
@@ -67,7 +69,8 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
                        max_event_streams=limits_settings.max_event_streams)
     registry = StreamRegistry(slot, limits=limits, kafka=kafka)
     hub = OutputHub(max_subscribers=limits_settings.max_event_streams)
-    kafka_probe = KafkaProbe(kafka) if kafka is not None else None
+    if kafka_probe is None and kafka is not None:
+        kafka_probe = KafkaProbe(kafka)
     heartbeat = heartbeat or Heartbeat()
 
     @contextlib.asynccontextmanager
@@ -131,17 +134,11 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
 
     @app.get("/health/ready", response_model=Health, responses={503: {"model": Health}})
     def health_ready(response: Response) -> Health:
-        if slot.state != "ready":
-            response.status_code = 503
+        code, body = readiness(slot.state, slot.error, kafka_probe)
+        if code != 200:
+            response.status_code = code
             response.headers["Retry-After"] = "5"
-            return Health(**not_ready(slot.state, slot.error))
-        if kafka_probe is not None:
-            reachable, detail = kafka_probe()
-            if not reachable:
-                response.status_code = 503
-                response.headers["Retry-After"] = "5"
-                return Health(status="unavailable", ready=False, detail=detail)
-        return Health(status="ok", ready=True)
+        return Health(**body)
 
     @app.get("/metrics", response_class=Response)
     def metrics() -> Response:

@@ -13,7 +13,7 @@ from fastapi import FastAPI
 
 from masklet.deploy.api_limits import (deployment_limits, in_flight_cap, replica_max_ongoing_requests,
                                        settings_from_options)
-from masklet.deploy.api_runtime import SessionSlot
+from masklet.deploy.api_runtime import KafkaProbe, SessionSlot
 from masklet.deploy.api_security import ApiLimits, generate_token
 from masklet.deploy.health_listener import HealthService, Heartbeat
 from masklet.deploy.serve_app import create_app
@@ -52,17 +52,20 @@ def _serve_deployment() -> Any:
             self.limits: Optional[ApiLimits] = None
             self.slot = SessionSlot()
             self.heartbeat = Heartbeat()
+            # One Kafka reachability check (cached) for both /health/ready: the API's and the listener's
+            self.kafka_probe = KafkaProbe(self.settings.kafka) if options.get("kafka") else None
             # Before the model loads, so liveness answers during a long load too.
             self.health = HealthService(health_host, health_port, self.heartbeat,
                                         lambda: (self.slot.state, self.slot.error),
-                                        stall_s=serve_settings.health_stall_s)
+                                        stall_s=serve_settings.health_stall_s, probe=self.kafka_probe)
             self.slot.load_in_background(lambda: build_live_session(self.settings, self.options))
 
         def __serve_build_asgi_app__(self) -> FastAPI:
             kafka = self.settings.kafka if self.options.get("kafka") else None
             cap = in_flight_cap(replica_max_ongoing_requests(), self.settings.limits)
             app = create_app(self.slot, self.settings.serve, token=self.token, kafka=kafka,
-                             limits=self.settings.limits, max_in_flight=cap, heartbeat=self.heartbeat)
+                             limits=self.settings.limits, max_in_flight=cap, heartbeat=self.heartbeat,
+                             kafka_probe=self.kafka_probe)
             self.limits = app.state.limits
             return app
 

@@ -25,13 +25,13 @@ def listener():
 def test_live_ready_and_unknown_paths(listener):
     server, heartbeat, state = listener
     live = requests.get(server.url + "/health/live", timeout=10)
-    assert live.status_code == 200 and live.json() == {"status": "ok", "ready": False, "detail": None}
+    assert live.status_code == 200 and live.json() == {"status": "ok", "ready": False, "detail": ""}
     ready = requests.get(server.url + "/health/ready", timeout=10)
     assert ready.status_code == 503 and ready.headers["Retry-After"] == "5", ready.text
     assert ready.json()["status"] == "loading"
     state["value"] = ("ready", None)
     assert requests.get(server.url + "/health/ready", timeout=10).json() == {"status": "ok", "ready": True,
-                                                                            "detail": None}
+                                                                            "detail": ""}
     state["value"] = ("failed", "RuntimeError: no weights")
     failed = requests.get(server.url + "/health/ready", timeout=10)
     assert failed.status_code == 503 and failed.json()["detail"] == "RuntimeError: no weights"
@@ -141,3 +141,35 @@ def test_serve_options_place_the_health_listener_beside_the_api():
     settings = load_settings(None, serve={"host": "127.0.0.1", "port": 8000, "health_port": 18001})
     options = serve_options(args, "t" * 24, settings)
     assert (options["health_host"], options["health_port"]) == ("127.0.0.1", 18001)
+
+
+def test_readiness_with_kafka_is_the_same_on_the_listener_and_the_api():
+    """With Kafka configured, both /health/ready answers come from one shared KafkaProbe: 503 with the
+    probe's reason while no broker accepts connections, 200 once one does."""
+    from masklet.deploy.api_runtime import KafkaProbe, SessionSlot
+    from masklet.deploy.serve_app import create_app
+    from masklet.pipeline.config import KafkaSettings
+    from tests.serve.conftest import LoopbackServer, free_port
+    from tests.serve.fake_session import FakeLiveSession
+
+    broker_port = free_port()
+    probe = KafkaProbe(KafkaSettings(bootstrap_servers=f"127.0.0.1:{broker_port}"), cache_s=0.0)
+    slot = SessionSlot(FakeLiveSession())
+    heartbeat = Heartbeat()
+    app = create_app(slot, token="t" * 24, max_in_flight=4, heartbeat=heartbeat,
+                     kafka=probe.settings, kafka_probe=probe)
+    listener = HealthListener("127.0.0.1", 0, heartbeat, lambda: (slot.state, slot.error), probe=probe).start()
+    try:
+        with LoopbackServer(app) as api:
+            answers = [requests.get(url + "/health/ready", timeout=10) for url in (listener.url, api.url)]
+            assert [a.status_code for a in answers] == [503, 503], [a.text for a in answers]
+            assert answers[0].json() == answers[1].json(), [a.json() for a in answers]
+            assert "kafka unreachable" in answers[0].json()["detail"] and answers[0].headers["Retry-After"] == "5"
+            with socket.socket() as broker:  # something now accepts connections on the broker's port
+                broker.bind(("127.0.0.1", broker_port))
+                broker.listen(8)
+                answers = [requests.get(url + "/health/ready", timeout=10) for url in (listener.url, api.url)]
+                assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+                assert answers[0].json() == answers[1].json() == {"status": "ok", "ready": True, "detail": ""}
+    finally:
+        listener.close()
