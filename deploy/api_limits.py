@@ -3,13 +3,13 @@
 Ray Serve's request limits of the MaskletAPI deployment (max_ongoing_requests, max_queued_requests)
 are set in one place, the deployment's entry in deploy/serve_config.yaml: `serve deploy` applies
 them from there, `masklet serve` reads them from there (`deployment_limits`), and
-deploy/rayservice.yaml embeds the same applications. Beyond both, Serve's proxy answers 503.
+deploy/rayservice.yaml embeds the same applications. Beyond both, Serve answers 503 itself.
 
 Inside the replica the app answers 503 + Retry-After itself (`in_flight_cap`): past
 limits.max_in_flight_requests ordinary requests, and past limits.max_event_streams SSE feeds.
 max_ongoing_requests is set far above their sum, so a burst reaches the app (which answers it in
-milliseconds) instead of Serve's proxy, whose 503 carries no Retry-After and which would refuse
-/health/live too.
+milliseconds) instead of Serve's backpressure, whose 503 through the proxy carries no Retry-After
+and which would refuse /health/live too.
 """
 from __future__ import annotations
 

@@ -1,13 +1,14 @@
 """A liveness/readiness listener on its own loopback port (`serve.health_port`, default 8001).
 
-Why a second port: every request to the API port goes through Ray Serve's HTTP proxy, one Python
-event loop that serves requests first come, first served. Under a flood it is the queue, whatever
-the app answers: measured on 2 cores (bench/serve_overload_bench.py), 200 concurrent connections
-kept its latency near concurrency / throughput = 200 / ~300 requests/s, about 0.6-2 s, for every
-route, Serve's own `/-/healthz` included. A liveness probe that waits in that queue fails exactly
-when the server is busiest, and an orchestrator would then restart a healthy server under load.
-This listener is a thread of the MaskletAPI replica with its own socket: it answers from state it
-reads without locks, so it does not queue behind the proxy or the app.
+Why a second port: every request to the API port waits in a first-come-first-served Python event
+loop, Ray Serve's HTTP proxy (`serve.ingress: proxy`) or the replica's own HTTP server (`direct`,
+deploy/serve_ingress.py). Under a flood that loop is the queue, whatever the app answers: measured on
+2 cores (bench/serve_overload_bench.py), 200 concurrent connections kept every route's latency near
+concurrency / throughput, about 0.6-1 s through the proxy and 0.12-0.35 s with direct ingress,
+Serve's own `/-/healthz` included. A liveness probe that waits in that queue fails exactly when the
+server is busiest, and an orchestrator would then restart a healthy server under load. This
+listener is a thread of the MaskletAPI replica with its own socket: it answers from state it reads
+without locks, so it does not queue behind the API's traffic.
 
 What it reports:
 - `GET /health/live`: 200 while the app's event loop keeps beating (a heartbeat coroutine stamps

@@ -22,14 +22,19 @@ def register(subparsers: Any) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--health-port", type=int, default=None,
                    help="port of the health listener (/health/live, /health/ready; same host): it answers "
-                        "under any load, unlike the API port behind Serve's proxy (default: serve.health_port, "
-                        "8001; -1: off)")
+                        "under any load, whatever queues on the API port (default: serve.health_port, 8001; -1: off)")
+    p.add_argument("--ingress", choices=("direct", "proxy"), default=None,
+                   help="who answers HTTP on --port: the API replica itself (direct: one event loop fewer, so a "
+                        "flood is answered several times sooner) or Ray Serve's proxy (default: serve.ingress, direct)")
     add_model_arguments(p)
     p.add_argument("--max-streams", type=int, help="stream cap (default: serve.max_streams)")
     p.add_argument("--kafka", action="store_true",
                    help="allow Kafka-sourced streams and require the broker for readiness (kafka.* settings)")
     p.add_argument("--config", type=Path, help="YAML config (model, pipeline, kafka, serve sections)")
     p.set_defaults(func=run_serve)
+
+
+HEALTH_PORT_HOW = "choose another with --health-port or serve.health_port, or -1 to turn it off"
 
 
 def serve_options(args: argparse.Namespace, token: str, settings: Any = None) -> dict:
@@ -47,8 +52,9 @@ def serve_options(args: argparse.Namespace, token: str, settings: Any = None) ->
     return options
 
 
-def _check_free(host: str, port: Any) -> None:
-    """Fail before Ray starts when the health port is taken (the replica would only log it)."""
+def _check_free(host: str, port: Any, what: str = "health port", how: str = HEALTH_PORT_HOW) -> None:
+    """Fail before Ray starts when a port the replica binds is taken: it would only log it (the health
+    listener), or give up after Ray's retries with a traceback (the direct-ingress API port)."""
     import socket
 
     if not port:
@@ -58,8 +64,7 @@ def _check_free(host: str, port: Any) -> None:
         try:
             probe.bind((host, port))
         except OSError as exc:
-            raise OSError(f"health port {host}:{port} is not free ({exc.strerror}); choose another with "
-                          f"--health-port or serve.health_port, or -1 to turn it off") from None
+            raise OSError(f"{what} {host}:{port} is not free ({exc.strerror}); {how}") from None
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -69,12 +74,15 @@ def run_serve(args: argparse.Namespace) -> int:
 
     try:
         serve_overrides = {"host": args.host, "port": args.port}
+        if getattr(args, "ingress", None):
+            serve_overrides["ingress"] = args.ingress
         if args.health_port is not None:
             if args.health_port == 0:
                 raise ValueError("--health-port 0 would pick a port no probe could know; give one, or -1 for none")
             serve_overrides["health_port"] = None if args.health_port == -1 else args.health_port
         settings = load_settings(args.config, serve=serve_overrides, model=model_overrides(args))
         _check_free(settings.serve.host, settings.serve.health_port)
+        _check_free(settings.serve.host, settings.serve.port, "API port", "choose another with --port")
         from masklet.deploy.api_limits import deployment_limits
 
         deployment_limits()  # Serve's request limits come from deploy/serve_config.yaml: readable and consistent
@@ -89,6 +97,14 @@ def run_serve(args: argparse.Namespace) -> int:
     if settings.model.checkpoint == "random":
         print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
 
+    from masklet.deploy import serve_ingress
+
+    # Before Ray starts: direct ingress is switched on in the environment its processes inherit
+    ingress, proxy_port = serve_ingress.prepare(settings.serve.ingress, settings.serve.host, settings.serve.port)
+    if ingress != settings.serve.ingress:
+        print("masklet serve: joining the Ray session at RAY_ADDRESS, whose Serve switches are its own: "
+              "Ray Serve's proxy serves the API (serve.ingress: proxy)", file=sys.stderr)
+
     import ray
     from ray import serve
 
@@ -97,12 +113,13 @@ def run_serve(args: argparse.Namespace) -> int:
     from masklet.actors.backend import init_ray
 
     init_ray(include_dashboard=False, configure_logging=False)  # never expose the dashboard/job API
-    serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
+    serve.start(http_options={"host": settings.serve.host, "port": proxy_port})
     serve.run(app(serve_options(args, token, settings)), name="masklet", route_prefix="/")
     health = settings.serve.health_port
-    print(f"masklet serve: console and API on http://{settings.serve.host}:{settings.serve.port}/ "
-          f"(readiness: /health/ready)" + (f"; probes: http://{settings.serve.host}:{health}/health/live and "
-                                           f"/health/ready (answer under any load)" if health else ""),
+    where = "served by the API replica" if ingress == "direct" else "through Ray Serve's proxy"
+    print(f"masklet serve: console and API on http://{settings.serve.host}:{settings.serve.port}/ ({where}; "
+          f"readiness: /health/ready)" + (f"; probes: http://{settings.serve.host}:{health}/health/live and "
+                                          f"/health/ready (answer under any load)" if health else ""),
           file=sys.stderr)
     try:
         while True:

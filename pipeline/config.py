@@ -281,6 +281,9 @@ class ServeSettings(_Section):
     health_port: Optional[int] = Field(8001, ge=0, le=65535)
     health_stall_s: float = Field(30.0, gt=0, description="/health/live on health_port is 503 once the API's "
                                                           "event loop has not run for this long")
+    # direct: the API replica serves HTTP itself (Ray Serve's throughput-optimized direct ingress), without
+    # the wait in Serve's proxy: a flood's 503s came 2.6-5.8x sooner (deploy/serve_ingress.py)
+    ingress: Literal["direct", "proxy"] = "direct"
 
     @model_validator(mode="after")
     def _health_port_apart(self) -> "ServeSettings":

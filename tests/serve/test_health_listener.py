@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import time
 
@@ -173,3 +174,30 @@ def test_readiness_with_kafka_is_the_same_on_the_listener_and_the_api():
                 assert answers[0].json() == answers[1].json() == {"status": "ok", "ready": True, "detail": ""}
     finally:
         listener.close()
+
+
+def test_direct_ingress_is_switched_on_before_ray_starts_unless_joining_a_session(monkeypatch):
+    """serve.ingress: direct sets Ray Serve's switches in the environment the Ray session will inherit,
+    pins the replica's port range to the API port and moves the proxy to another free port; joining
+    a running session (RAY_ADDRESS) cannot change its switches, so the proxy serves the API port."""
+    from masklet.deploy import serve_ingress
+    from masklet.pipeline.config import load_settings
+
+    env = serve_ingress.direct_ingress_env(18000)
+    for key in env:
+        monkeypatch.delenv(key, raising=False)  # restored after the test
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert load_settings(None).serve.ingress == "direct"
+    ingress, proxy_port = serve_ingress.prepare("direct", "127.0.0.1", 18000)
+    assert ingress == "direct" and proxy_port != 18000
+    assert {key: os.environ[key] for key in env} == env
+    assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("18000",
+                                                                                                            "18001")
+    for key in env:
+        monkeypatch.delenv(key)
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    assert serve_ingress.prepare("direct", "127.0.0.1", 18000) == ("proxy", 18000)
+    assert not any(key in os.environ for key in env)
+    assert serve_ingress.prepare("proxy", "127.0.0.1", 18000) == ("proxy", 18000)
+    with pytest.raises(Exception, match="ingress"):
+        load_settings(None, serve={"ingress": "haproxy"})

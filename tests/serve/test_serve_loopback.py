@@ -39,7 +39,7 @@ def test_serve_app_answers_on_loopback(ray_serve, clip):
     wait_for(lambda: anonymous.get("/health/ready").status_code == 200, timeout=120, interval=0.5,
              message="model loaded in the replica")
     probes = Client(f"http://127.0.0.1:{health_port}", None)  # the replica's own health listener
-    assert probes.get("/health/live").json() == {"status": "ok", "ready": True, "detail": None}
+    assert probes.get("/health/live").json() == {"status": "ok", "ready": True, "detail": ""}
     assert probes.get("/health/ready").status_code == 200
     assert anonymous.get("/streams").status_code == 401
     created = client.post("/streams", json={"stream_id": "cam1", "source": str(clip), "realtime": False})
