@@ -31,6 +31,31 @@ def ray_serve(monkeypatch):
         ray.shutdown()
 
 
+@pytest.fixture(params=["proxy", "direct"])
+def api_port(request, monkeypatch):
+    """Serve with the API port answered by its proxy, or by the replica itself (direct ingress, as
+    `masklet serve` runs by default: deploy/serve_ingress.py). Ray's switches are set in the
+    environment the new Ray session inherits, and restored afterwards."""
+    import ray
+    from ray import serve
+
+    from masklet.deploy.serve_ingress import direct_ingress_env
+
+    port = free_port()
+    proxy_port = port
+    if request.param == "direct":
+        for key, value in direct_ingress_env(port).items():
+            monkeypatch.setenv(key, value)
+        proxy_port = free_port()
+    start_local_ray(monkeypatch, include_dashboard=False, num_cpus=2, configure_logging=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
+    try:
+        yield port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
 def _serve_config() -> dict:
     from masklet.deploy.api_limits import SERVE_CONFIG
 
@@ -74,7 +99,7 @@ def _get(url: str, path: str, token: str | None = TOKEN) -> tuple[int, float, st
     return response.status_code, time.monotonic() - started, response.headers.get("Retry-After", "")
 
 
-def test_open_event_streams_never_block_the_api_on_ray_serve(ray_serve, clip):
+def test_open_event_streams_never_block_the_api_on_ray_serve(api_port, clip):
     from ray import serve
 
     from masklet.deploy.serve_deployment import app
@@ -82,7 +107,7 @@ def test_open_event_streams_never_block_the_api_on_ray_serve(ray_serve, clip):
 
     options = {"checkpoint": "random", "image_size": 256, "device": "cpu", "token": TOKEN, "max_batch_size": 2}
     serve.run(app(options), name="masklet", route_prefix="/")
-    url = f"http://127.0.0.1:{ray_serve}"
+    url = f"http://127.0.0.1:{api_port}"
     client = Client(url)
     wait_for(lambda: client.get("/health/ready").status_code == 200, timeout=120, interval=0.5,
              message="model loaded in the replica")
