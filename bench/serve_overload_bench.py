@@ -78,7 +78,8 @@ def serve_session(ingress: str, scratch: Path) -> list[dict]:
     stream, then the floods: frame.png and /health/live alternately, twice each."""
     from tests.serve.conftest import free_port, make_clip
 
-    port, health_port = free_port(), free_port()
+    port = free_port()
+    health_port = next(p for p in iter(free_port, None) if p != port)
     env = {**os.environ, "MASKLET_API_TOKEN": TOKEN, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
     log = (scratch / f"serve-{ingress}.log").open("w")
@@ -107,6 +108,7 @@ def serve_session(ingress: str, scratch: Path) -> list[dict]:
             cli.wait(timeout=180)
         except subprocess.TimeoutExpired:
             os.killpg(cli.pid, signal.SIGKILL)
+            cli.wait(timeout=60)
         log.close()
     return runs
 

@@ -85,15 +85,21 @@ class KafkaProbe:
         self.timeout_s = timeout_s
         self.cache_s = cache_s
         self._checked_at = -1e9
-        self._result: tuple[bool, str] = (False, "not checked")
+        self._result: tuple[bool, str] = (False, "kafka reachability not checked yet")
         self._lock = threading.Lock()
 
     def __call__(self) -> tuple[bool, str]:
-        with self._lock:
+        # One check at a time, and nobody waits for it: while one runs (a slow DNS answer is not
+        # bounded by timeout_s), other callers get the latest answer. Readiness probes retry.
+        if not self._lock.acquire(blocking=False):
+            return self._result
+        try:
             if time.monotonic() - self._checked_at > self.cache_s:
                 self._result = self._probe()
                 self._checked_at = time.monotonic()
             return self._result
+        finally:
+            self._lock.release()
 
     def _probe(self) -> tuple[bool, str]:
         for server in self.settings.bootstrap_server_list:

@@ -8,7 +8,8 @@ concurrency / throughput, about 0.6-1 s through the proxy and 0.12-0.35 s with d
 Serve's own `/-/healthz` included. A liveness probe that waits in that queue fails exactly when the
 server is busiest, and an orchestrator would then restart a healthy server under load. This
 listener is a thread of the MaskletAPI replica with its own socket: it answers from state it reads
-without locks, so it does not queue behind the API's traffic.
+without waiting on the app (the Kafka check of /health/ready is cached and never waited for), so it
+does not queue behind the API's traffic.
 
 What it reports:
 - `GET /health/live`: 200 while the app's event loop keeps beating (a heartbeat coroutine stamps
@@ -152,7 +153,7 @@ class HealthListener:
 class HealthService:
     """The replica's listener, started now or, while its port is still held (by the replica this one
     replaces), by a retrying thread; `close()` stops either. Never raises: a listener that cannot
-    start is logged, and the API port's own /health/* routes still answer (through the proxy)."""
+    start is logged, and the API port's own /health/* routes still answer."""
 
     def __init__(self, host: str, port: Optional[int], heartbeat: Heartbeat,
                  state: Callable[[], tuple[str, Optional[str]]], stall_s: float = 30.0,

@@ -100,10 +100,12 @@ def run_serve(args: argparse.Namespace) -> int:
     from masklet.deploy import serve_ingress
 
     # Before Ray starts: direct ingress is switched on in the environment its processes inherit
-    ingress, proxy_port = serve_ingress.prepare(settings.serve.ingress, settings.serve.host, settings.serve.port)
+    avoid = (settings.serve.health_port,) if settings.serve.health_port else ()
+    ingress, proxy_port = serve_ingress.prepare(settings.serve.ingress, settings.serve.host, settings.serve.port,
+                                                avoid=avoid)
     if ingress != settings.serve.ingress:
-        print("masklet serve: joining the Ray session at RAY_ADDRESS, whose Serve switches are its own: "
-              "Ray Serve's proxy serves the API (serve.ingress: proxy)", file=sys.stderr)
+        print("masklet serve: joining a running Ray session (RAY_ADDRESS or `ray start`), whose Serve switches "
+              "are its own: Ray Serve's proxy serves the API (serve.ingress: proxy)", file=sys.stderr)
 
     import ray
     from ray import serve

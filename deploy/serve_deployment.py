@@ -36,6 +36,10 @@ def _serve_deployment() -> Any:
         """
 
         def __init__(self, options: Optional[dict] = None) -> None:
+            from masklet.deploy.serve_ingress import reuse_address_in_replica
+
+            # Serve starts this replica's direct-ingress HTTP server after the constructor returns
+            reuse_address_in_replica()
             options = dict(options or {})
             self.settings = settings_from_options(options)
             options.pop("config", None)

@@ -201,3 +201,24 @@ def test_direct_ingress_is_switched_on_before_ray_starts_unless_joining_a_sessio
     assert serve_ingress.prepare("proxy", "127.0.0.1", 18000) == ("proxy", 18000)
     with pytest.raises(Exception, match="ingress"):
         load_settings(None, serve={"ingress": "haproxy"})
+
+
+def test_a_direct_ingress_replica_binds_with_so_reuseaddr(monkeypatch):
+    """Ray 2.60 binds the replica's HTTP socket without SO_REUSEADDR, so a replica restarted after its
+    predecessor closed connections waited ~60 s for their TIME_WAIT. The replica swaps the socket
+    module Serve's HTTP code sees (deploy/serve_ingress.py); only under direct ingress."""
+    import socket as sockets
+
+    from ray.serve._private import http_util
+
+    from masklet.deploy.serve_ingress import reuse_address_in_replica
+
+    monkeypatch.setattr(http_util, "socket", sockets)  # restored after the test
+    monkeypatch.delenv("RAY_SERVE_ENABLE_DIRECT_INGRESS", raising=False)
+    assert reuse_address_in_replica() is False and http_util.socket is sockets
+    monkeypatch.setenv("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
+    assert reuse_address_in_replica() is True and reuse_address_in_replica() is True
+    with http_util.socket.socket(http_util.socket.AF_INET, http_util.socket.SOCK_STREAM) as created:
+        assert created.getsockopt(sockets.SOL_SOCKET, sockets.SO_REUSEADDR) == 1
+        created.bind(("127.0.0.1", 0))  # the rest of the module is the real one
+    assert http_util.socket.AF_INET6 == sockets.AF_INET6 and http_util.socket.error is OSError

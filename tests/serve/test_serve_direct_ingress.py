@@ -20,18 +20,21 @@ from tests.serve.conftest import TOKEN, free_port, is_loopback, listening_socket
 FLOOD = Path(__file__).with_name("flood_client.py")
 
 
-def listening_pid(port: int) -> int | None:
-    """The pid of the process with a listening TCP socket on `port` (from /proc), or None."""
-    inodes = set()
+def _sockets(port: int, state: str) -> list[list[str]]:
+    """/proc/net/tcp{,6} rows of TCP sockets with local port `port` in `state` (0A LISTEN, 06 TIME_WAIT)."""
+    rows = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             lines = Path(table).read_text().splitlines()[1:]
         except OSError:
             continue
-        for line in lines:
-            fields = line.split()
-            if fields[1].rsplit(":", 1)[1] == f"{port:04X}" and fields[3] == "0A":  # 0A: LISTEN
-                inodes.add(f"socket:[{fields[9]}]")
+        rows += [f for f in (line.split() for line in lines) if f[1].rsplit(":", 1)[1] == f"{port:04X}" and f[3] == state]
+    return rows
+
+
+def listening_pid(port: int) -> int | None:
+    """The pid of the process with a listening TCP socket on `port` (from /proc), or None."""
+    inodes = {f"socket:[{fields[9]}]" for fields in _sockets(port, "0A")}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -101,9 +104,16 @@ def test_masklet_serve_answers_from_the_replica_sheds_load_and_survives_a_replic
         assert set(result["codes"]) <= {"200", "503"}, result
         assert result["codes"].get("503", 0) > 0 and result["busy_503_without_retry_after"] == 0, result
 
+        # The flood's connections were closed by the server (Connection: close): TIME_WAIT for 60 s. Ray
+        # binds without SO_REUSEADDR, so a new replica used to wait them out; ours binds with it.
+        assert _sockets(port, "06"), "expected the flood to leave server-side TIME_WAIT connections"
         os.kill(replica, signal.SIGKILL)  # Serve restarts the replica; it must get the same port back
-        wait_for(lambda: listening_pid(port) not in (None, replica) and _live(url) == 200, timeout=240,
-                 interval=0.5, message="a new replica serving the API port")
+        wait_for(lambda: listening_pid(port) not in (None, replica), timeout=240, interval=0.2,
+                 message="a new replica listening on the API port")
+        lingering = len(_sockets(port, "06"))
+        print(f"new replica listening; {lingering} TIME_WAIT connections of the old one still there")
+        assert lingering, "the new replica bound only after TIME_WAIT ended (~60 s): SO_REUSEADDR not in effect?"
+        wait_for(lambda: _live(url) == 200, timeout=120, interval=0.5, message="the new replica answering")
         assert "ServeReplica" in cmdline(listening_pid(port) or 0)
         wait_for(lambda: requests.get(url + "/health/ready", timeout=30).status_code == 200, timeout=240,
                  interval=1.0, message="the new replica's model loaded")
