@@ -115,8 +115,12 @@ def run_serve(args: argparse.Namespace) -> int:
     from masklet.actors.backend import init_ray
 
     init_ray(include_dashboard=False, configure_logging=False)  # never expose the dashboard/job API
-    serve.start(http_options={"host": settings.serve.host, "port": proxy_port})
-    serve.run(app(serve_options(args, token, settings)), name="masklet", route_prefix="/")
+    # No access-log line per request (Serve's proxy and the replica): a flood of thousands of requests/s
+    # printed as many lines/s here, each also shipped from a log file by Ray's log monitor; requests are
+    # counted in /metrics, and errors are still logged.
+    quiet = {"enable_access_log": False}
+    serve.start(http_options={"host": settings.serve.host, "port": proxy_port}, logging_config=quiet)
+    serve.run(app(serve_options(args, token, settings)), name="masklet", route_prefix="/", logging_config=quiet)
     health = settings.serve.health_port
     where = "served by the API replica" if ingress == "direct" else "through Ray Serve's proxy"
     print(f"masklet serve: console and API on http://{settings.serve.host}:{settings.serve.port}/ ({where}; "

@@ -2,13 +2,13 @@
 or Ray Serve's HTTP proxy in front of it (`proxy`).
 
 Why direct: Serve's proxy is one more Python event loop, first come first served, in front of the
-replica. Under a flood every request waits in it: measured on 2 cores with 200 requests always
-outstanding (bench/serve_overload_bench.py), it served 144-280 requests/s, so every answer, the
-app's own 503s included, took concurrency / throughput, about 0.7-1.2 s. With Ray Serve's
-throughput-optimized mode and direct ingress the replica runs its own HTTP server (uvicorn), where
-the app (and Serve's backpressure, past its limits) answers 503 + Retry-After. Side by side (bench/results/
-serve_overload_bench.json): /health/live floods ran at 1,105-1,205 requests/s instead of 263-307,
-and the app's 503s in an overlay-PNG flood came back in 166-342 ms p50 instead of 895-968 ms.
+replica. Under a flood every request waits in it: with 200 requests always outstanding on 2 cores
+(bench/serve_overload_bench.py), every answer, the app's own 503s included, took about
+concurrency / throughput. With Ray Serve's throughput-optimized mode and direct ingress the replica
+runs its own HTTP server (uvicorn), where the app (and Serve's backpressure, past its limits)
+answers 503 + Retry-After. Side by side (bench/results/serve_overload_bench.json): /health/live
+floods ran at 976-1,000 requests/s instead of 190-249, and the app's 503s in an overlay-PNG flood
+came back in 240-286 ms p50 instead of 1.37-1.44 s.
 
 Ray reads these switches from the environment of its processes (the controller allocates the
 replica's port; the replica starts the server), so they must be set before this process starts its

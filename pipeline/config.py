@@ -277,12 +277,11 @@ class ServeSettings(_Section):
     max_streams: int = Field(16, ge=1, le=10_000)
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="largest accepted request body")
     # /health/live and /health/ready on their own port, answered by a thread of the API replica: they
-    # never queue behind Serve's proxy under load (deploy/health_listener.py). None: off; 0: any free port.
+    # never queue behind API traffic (deploy/health_listener.py). None: off; 0: any free port.
     health_port: Optional[int] = Field(8001, ge=0, le=65535)
     health_stall_s: float = Field(30.0, gt=0, description="/health/live on health_port is 503 once the API's "
                                                           "event loop has not run for this long")
-    # direct: the API replica serves HTTP itself (Ray Serve's throughput-optimized direct ingress), without
-    # the wait in Serve's proxy: a flood's 503s came 2.6-5.8x sooner (deploy/serve_ingress.py)
+    # direct: the API replica serves HTTP itself, no wait in Serve's proxy (deploy/serve_ingress.py)
     ingress: Literal["direct", "proxy"] = "direct"
 
     @model_validator(mode="after")
