@@ -9,9 +9,8 @@ ingress, Serve's own `/-/healthz` alike. A liveness probe that waits in that que
 when the server is busiest, and an orchestrator would then restart a healthy server under load.
 This listener is a thread of the MaskletAPI replica with its own socket: it answers from state it
 reads without waiting on the app (the Kafka check of /health/ready is cached), so it does not queue
-behind the API's traffic (6-14 ms p50 in those floods). It still shares the replica's process: when
-that process stalls (a garbage-collector pass, the cores oversubscribed) a probe waits too (worst
-22-419 ms in the same floods).
+behind the API's traffic (6-14 ms p50 in those floods; the worst probes, 22-419 ms, matched an
+idle stand-alone listener process probed alongside: the 2 oversubscribed cores, not this process).
 
 What it reports:
 - `GET /health/live`: 200 while the app's event loop keeps beating (a heartbeat coroutine stamps
