@@ -123,8 +123,9 @@ def run_serve(args: argparse.Namespace) -> int:
     serve.run(app(serve_options(args, token, settings)), name="masklet", route_prefix="/", logging_config=quiet)
     health = settings.serve.health_port
     where = "served by the API replica" if ingress == "direct" else "through Ray Serve's proxy"
-    print(f"masklet serve: console and API on http://{settings.serve.host}:{settings.serve.port}/ ({where}; "
-          f"readiness: /health/ready)" + (f"; probes: http://{settings.serve.host}:{health}/health/live and "
+    host = f"[{settings.serve.host}]" if ":" in settings.serve.host else settings.serve.host  # IPv6 in a URL
+    print(f"masklet serve: console and API on http://{host}:{settings.serve.port}/ ({where}; "
+          f"readiness: /health/ready)" + (f"; probes: http://{host}:{health}/health/live and "
                                           f"/health/ready (answer under any load)" if health else ""),
           file=sys.stderr)
     try:
