@@ -199,6 +199,15 @@ def test_direct_ingress_is_switched_on_before_ray_starts_unless_joining_a_sessio
     assert serve_ingress.prepare("direct", "127.0.0.1", 18000) == ("proxy", 18000)
     assert not any(key in os.environ for key in env)
     assert serve_ingress.prepare("proxy", "127.0.0.1", 18000) == ("proxy", 18000)
+    # RAY_ADDRESS=local asks for a new session (ours); a `ray start` cluster recorded on this machine
+    # would be joined by ray.init() like RAY_ADDRESS (Ray's own lookup decides, as ray.init does)
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    assert serve_ingress.joins_existing_ray() is False
+    monkeypatch.delenv("RAY_ADDRESS")
+    from ray._private import services
+
+    monkeypatch.setattr(services, "canonicalize_bootstrap_address", lambda addr, temp_dir=None: "127.0.0.1:6379")
+    assert serve_ingress.prepare("direct", "127.0.0.1", 18000) == ("proxy", 18000)
     with pytest.raises(Exception, match="ingress"):
         load_settings(None, serve={"ingress": "haproxy"})
 
