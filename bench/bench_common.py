@@ -41,6 +41,32 @@ def machine() -> dict:
     return info
 
 
+def tree_cpu_s(root: int | None = None) -> float:
+    """User + system CPU seconds of process `root` (default: this one) and every live descendant
+    (a Ray session this process started: GCS, raylet, workers), from /proc. A process that exited
+    meanwhile drops out, so take differences over windows in which the tree stays up."""
+    root = os.getpid() if root is None else root
+    tick = os.sysconf("SC_CLK_TCK")
+    parent, cpu = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parent[int(entry)] = int(fields[1])
+        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
+    total = 0.0
+    for pid in cpu:
+        walk = pid
+        while walk not in (root, 0, 1) and walk in parent:
+            walk = parent[walk]
+        if walk == root:
+            total += cpu[pid]
+    return total
+
+
 def plain_loop(spec, paths, points, frames: int, open_fn=None) -> dict:
     """One process, no pipeline: decode, encode (one frame per pass), step every object, build the
     record (RLE, bbox, area, JSON) -- the same model calls and outputs as the pipeline."""
