@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import sys
 import tempfile
 import subprocess
@@ -76,7 +75,7 @@ def flood(port: int, health_port: int, path: str) -> dict:
 def serve_session(ingress: str, scratch: Path) -> list[dict]:
     """`masklet serve --ingress INGRESS` as a user runs it (its own process and Ray session), one looping
     stream, then the floods: frame.png and /health/live alternately, twice each."""
-    from tests.serve.conftest import free_port, make_clip
+    from tests.serve.conftest import free_port, make_clip, stop_cli
 
     port = free_port()
     health_port = next(p for p in iter(free_port, None) if p != port)
@@ -103,12 +102,7 @@ def serve_session(ingress: str, scratch: Path) -> list[dict]:
         runs = [{"ingress": ingress, **flood(port, health_port, path)}
                 for _ in range(2) for path in ("/streams/cam1/frame.png", "/health/live")]
     finally:
-        cli.send_signal(signal.SIGINT)
-        try:
-            cli.wait(timeout=180)
-        except subprocess.TimeoutExpired:
-            os.killpg(cli.pid, signal.SIGKILL)
-            cli.wait(timeout=60)
+        stop_cli(cli)
         log.close()
     return runs
 

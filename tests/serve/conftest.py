@@ -1,6 +1,7 @@
 """Fixtures for the control API: a generated clip, a server on a free loopback port, a client."""
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -156,3 +157,36 @@ def start_local_ray(monkeypatch, **kwargs) -> None:
     except (ImportError, AttributeError):
         pass
     init_ray(address="local", **kwargs)
+
+
+def stop_cli(process, timeout: float = 180.0) -> None:
+    """Stop a `masklet` command started with start_new_session=True as a user would (Ctrl-C), and if it
+    has not exited within `timeout` (generous: Ray's shutdown under load is slow), kill its group."""
+    import os
+    import signal
+    import subprocess
+
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+
+
+@contextlib.contextmanager
+def local_serve(monkeypatch, proxy_port: int):
+    """A new local Ray session on loopback (start_local_ray) with Serve's proxy on `proxy_port`;
+    Serve and Ray are shut down afterwards."""
+    import ray
+    from ray import serve
+
+    start_local_ray(monkeypatch, include_dashboard=False, num_cpus=2, configure_logging=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
+    try:
+        yield
+    finally:
+        serve.shutdown()
+        ray.shutdown()

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import requests
 
-from tests.serve.conftest import TOKEN, free_port, is_loopback, listening_sockets_of_descendants, wait_for
+from tests.serve.conftest import (TOKEN, free_port, is_loopback, listening_sockets_of_descendants, stop_cli,
+                                 wait_for)
 
 FLOOD = Path(__file__).with_name("flood_client.py")
 
@@ -118,13 +119,7 @@ def test_masklet_serve_answers_from_the_replica_sheds_load_and_survives_a_replic
         wait_for(lambda: requests.get(url + "/health/ready", timeout=30).status_code == 200, timeout=240,
                  interval=1.0, message="the new replica's model loaded")
     finally:
-        if cli.poll() is None:
-            cli.send_signal(signal.SIGINT)
-            try:
-                cli.wait(timeout=180)
-            except subprocess.TimeoutExpired:
-                os.killpg(cli.pid, signal.SIGKILL)
-                cli.wait(timeout=60)
+        stop_cli(cli)
         log.close()
     assert cli.returncode == 0, output()
     wait_for(lambda: listening_pid(port) is None, timeout=120, interval=0.5, message="the API port freed")

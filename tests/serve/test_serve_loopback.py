@@ -6,23 +6,15 @@ import pytest
 import os
 
 from tests.serve.conftest import (TOKEN, Client, free_port, is_loopback, listening_sockets_of_descendants,
-                                 start_local_ray, wait_for)
+                                 local_serve, wait_for)
 
 
 @pytest.fixture()
 def ray_serve(monkeypatch):
-    import ray
-    from ray import serve
-
     # No dashboard (its job API has no auth); only this test's local cluster, on loopback.
-    start_local_ray(monkeypatch, include_dashboard=False, num_cpus=2, configure_logging=False, log_to_driver=False)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
+    with local_serve(monkeypatch, port):
         yield port
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def test_serve_app_answers_on_loopback(ray_serve, clip):

@@ -11,24 +11,16 @@ import pytest
 import requests
 import yaml
 
-from tests.serve.conftest import TOKEN, Client, free_port, start_local_ray, wait_for
+from tests.serve.conftest import TOKEN, Client, free_port, local_serve, wait_for
 
 
 @pytest.fixture()
 def ray_serve(monkeypatch):
     """A new local Ray session on loopback, Serve on a free port. address="local": never join a cluster
     that some other process started with `ray start` on this machine."""
-    import ray
-    from ray import serve
-
-    start_local_ray(monkeypatch, include_dashboard=False, num_cpus=2, configure_logging=False, log_to_driver=False)
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    try:
+    with local_serve(monkeypatch, port):
         yield port
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(params=["proxy", "direct"])
@@ -36,9 +28,6 @@ def api_port(request, monkeypatch):
     """Serve with the API port answered by its proxy, or by the replica itself (direct ingress, as
     `masklet serve` runs by default: deploy/serve_ingress.py). Ray's switches are set in the
     environment the new Ray session inherits, and restored afterwards."""
-    import ray
-    from ray import serve
-
     from masklet.deploy.serve_ingress import direct_ingress_env
 
     port = free_port()
@@ -47,13 +36,8 @@ def api_port(request, monkeypatch):
         for key, value in direct_ingress_env(port).items():
             monkeypatch.setenv(key, value)
         proxy_port = free_port()
-    start_local_ray(monkeypatch, include_dashboard=False, num_cpus=2, configure_logging=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
-    try:
+    with local_serve(monkeypatch, proxy_port):
         yield port
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def _serve_config() -> dict:
