@@ -17,6 +17,7 @@ from masklet.deploy.api_runtime import KafkaProbe, SessionSlot
 from masklet.deploy.api_security import ApiLimits, generate_token
 from masklet.deploy.health_listener import HealthService, Heartbeat
 from masklet.deploy.serve_app import create_app
+from masklet.deploy.serve_ingress import reuse_address_in_replica
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +37,6 @@ def _serve_deployment() -> Any:
         """
 
         def __init__(self, options: Optional[dict] = None) -> None:
-            from masklet.deploy.serve_ingress import reuse_address_in_replica
-
             # Serve starts this replica's direct-ingress HTTP server after the constructor returns
             reuse_address_in_replica()
             options = dict(options or {})
@@ -56,8 +55,9 @@ def _serve_deployment() -> Any:
             self.limits: Optional[ApiLimits] = None
             self.slot = SessionSlot()
             self.heartbeat = Heartbeat()
+            self.kafka = self.settings.kafka if options.get("kafka") else None
             # One Kafka reachability check (cached) for both /health/ready: the API's and the listener's
-            self.kafka_probe = KafkaProbe(self.settings.kafka) if options.get("kafka") else None
+            self.kafka_probe = KafkaProbe(self.kafka) if self.kafka is not None else None
             # Before the model loads, so liveness answers during a long load too.
             self.health = HealthService(health_host, health_port, self.heartbeat,
                                         lambda: (self.slot.state, self.slot.error),
@@ -65,9 +65,8 @@ def _serve_deployment() -> Any:
             self.slot.load_in_background(lambda: build_live_session(self.settings, self.options))
 
         def __serve_build_asgi_app__(self) -> FastAPI:
-            kafka = self.settings.kafka if self.options.get("kafka") else None
             cap = in_flight_cap(replica_max_ongoing_requests(), self.settings.limits)
-            app = create_app(self.slot, self.settings.serve, token=self.token, kafka=kafka,
+            app = create_app(self.slot, self.settings.serve, token=self.token, kafka=self.kafka,
                              limits=self.settings.limits, max_in_flight=cap, heartbeat=self.heartbeat,
                              kafka_probe=self.kafka_probe)
             self.limits = app.state.limits
