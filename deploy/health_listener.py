@@ -4,12 +4,12 @@ Why a second port: every request to the API port waits in a first-come-first-ser
 loop, Ray Serve's HTTP proxy (`serve.ingress: proxy`) or the replica's own HTTP server (`direct`,
 deploy/serve_ingress.py). Under a flood that loop is the queue, whatever the app answers: measured on
 2 cores (bench/serve_overload_bench.py), 200 concurrent connections kept /health/live on the API
-port at concurrency / throughput, 0.8-1.0 s p50 through the proxy and 0.17-0.19 s with direct
+port at concurrency / throughput, 0.5-1.0 s p50 through the proxy and 0.16-0.19 s with direct
 ingress, Serve's own `/-/healthz` alike. A liveness probe that waits in that queue fails exactly
 when the server is busiest, and an orchestrator would then restart a healthy server under load.
 This listener is a thread of the MaskletAPI replica with its own socket: it answers from state it
 reads without waiting on the app (the Kafka check of /health/ready is cached), so it does not queue
-behind the API's traffic (6-14 ms p50 in those floods; the worst probes, 22-419 ms, matched an
+behind the API's traffic (4-14 ms p50 in those floods; the worst probes, 15-419 ms, matched an
 idle stand-alone listener process probed alongside: the 2 oversubscribed cores, not this process).
 
 What it reports:

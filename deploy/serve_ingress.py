@@ -7,8 +7,8 @@ replica. Under a flood every request waits in it: with 200 requests always outst
 concurrency / throughput. With Ray Serve's throughput-optimized mode and direct ingress the replica
 runs its own HTTP server (uvicorn), where the app (and Serve's backpressure, past its limits)
 answers 503 + Retry-After. Side by side (bench/results/serve_overload_bench.json): /health/live
-floods ran at 976-1,000 requests/s instead of 190-249, and the app's 503s in an overlay-PNG flood
-came back in 240-286 ms p50 instead of 1.37-1.44 s.
+floods ran at 1,170-1,198 requests/s instead of 287-345, and the app's 503s in an overlay-PNG flood
+came back in 163-232 ms p50 instead of 774-910 ms (README "Benchmarks" has the other runs).
 
 Ray reads these switches from the environment of its processes (the controller allocates the
 replica's port; the replica starts the server), so they must be set before this process starts its
