@@ -6,8 +6,8 @@ a chunked upload off at the cap while it is still arriving, instead of after buf
 Order of checks: 401 before anything else (an anonymous caller learns nothing, not even which
 paths exist), then 503 when too many requests are in flight (fail fast, never queue), then 413
 for bodies over the cap. Three classes of requests: /health/* (never refused, never counted: a
-liveness probe must answer under any load), SSE feeds (/streams/{id}/events, their own cap) and
-everything else (`max_in_flight`).
+liveness probe must answer under any load; so are Serve's /-/healthz and /-/routes), SSE feeds
+(/streams/{id}/events, their own cap) and everything else (`max_in_flight`).
 """
 from __future__ import annotations
 
@@ -30,12 +30,15 @@ DEFAULT_PUBLIC_PATHS = ("/health/live", "/health/ready", "/", "/console/index.ht
                         "/console/style.css", "/favicon.ico")
 
 
+# Ray Serve's own health and routes answers: they reach this guard only where it stands in front of
+# Serve (deploy/serve_ingress.py, "The front gate"), and are treated like /health/* there
+SERVE_HEALTH_PATHS = ("/-/healthz", "/-/routes")
 EVENT_STREAM_PATH = re.compile(r"^/streams/[^/]+/events$")
 
 
 def request_class(path: str) -> str:
     """"health", "events" (an SSE feed) or "request": each class has its own cap (or none)."""
-    if path.startswith("/health/"):
+    if path.startswith("/health/") or path in SERVE_HEALTH_PATHS:
         return "health"
     return "events" if EVENT_STREAM_PATH.match(path) else "request"
 

@@ -17,7 +17,7 @@ from masklet.deploy.api_runtime import KafkaProbe, SessionSlot
 from masklet.deploy.api_security import ApiLimits, generate_token
 from masklet.deploy.health_listener import HealthService, Heartbeat
 from masklet.deploy.serve_app import create_app
-from masklet.deploy.serve_ingress import reuse_address_in_replica
+from masklet.deploy.serve_ingress import install_front_gate, reuse_address_in_replica
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ def _serve_deployment() -> Any:
                              limits=self.settings.limits, max_in_flight=cap, heartbeat=self.heartbeat,
                              kafka_probe=self.kafka_probe)
             self.limits = app.state.limits
+            install_front_gate(self.token, self.limits)  # direct ingress: the guard in front of Serve
             return app
 
         def reconfigure(self, user_config: dict) -> None:

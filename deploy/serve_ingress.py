@@ -7,8 +7,8 @@ replica. Under a flood every request waits in it: with 200 requests always outst
 concurrency / throughput. With Ray Serve's throughput-optimized mode and direct ingress the replica
 runs its own HTTP server (uvicorn), where the app (and Serve's backpressure, past its limits)
 answers 503 + Retry-After. Side by side (bench/results/serve_overload_bench.json): /health/live
-floods ran at 1,170-1,198 requests/s instead of 287-345, and the app's 503s in an overlay-PNG flood
-came back in 163-232 ms p50 instead of 774-910 ms (README "Benchmarks" has the other runs).
+floods ran at 1,093-1,290 requests/s instead of 304-311, and the app's 503s in an overlay-PNG flood
+came back in 68-115 ms p50 (with the front gate below) instead of 800-1,141 ms (README "Benchmarks").
 
 Ray reads these switches from the environment of its processes (the controller allocates the
 replica's port; the replica starts the server), so they must be set before this process starts its
@@ -30,14 +30,28 @@ Ray's defaults for a replica behind a load balancer are changed where the replic
   it (`reuse_address_in_replica`, from the MaskletAPI constructor, which runs before Serve starts
   the server);
 - Serve's throughput mode sends the replica's logs and prints to a file only: they stay on stderr.
+
+The front gate: in the replica's server, Serve handles each request (request metadata, its own
+backpressure, a receive proxy, metrics) before the app's guard sees it, about 1 ms of the event
+loop's time per request here. Under a flood the app's 503s waited behind that work for everyone:
+with 200 requests always outstanding, 160-537 ms p50 without the gate, 63-219 ms with it, side by
+side on this machine (the goal is 100 ms; 68 and 115 ms in the final bench run). Ray calls the middleware hook named by RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH wherever
+it starts an HTTP server; in the API replica `front_gate` answers with a second instance of the
+app's own guard (api_security.GuardMiddleware: token, in-flight and SSE caps, body size) in front of
+Serve, so a refused request costs uvicorn and that guard only. It shares the app's ApiLimits (live
+reconfigure applies to both). The app keeps its own guard, which still guards whatever arrives
+through Serve's proxy; the front counts first, so the inner count never exceeds it.
 """
 from __future__ import annotations
 
 import os
 import socket
-from typing import Literal
+from typing import Any, Optional, Literal
 
 Ingress = Literal["direct", "proxy"]
+FRONT_GATE_IMPORT_PATH = "masklet.deploy.serve_ingress:front_gate"
+# (token, ApiLimits) of the API replica in this process, once its app is built (`install_front_gate`)
+_front_gate_config: Optional[tuple[str, Any]] = None
 
 
 def direct_ingress_env(port: int) -> dict[str, str]:
@@ -50,6 +64,9 @@ def direct_ingress_env(port: int) -> dict[str, str]:
         "RAY_SERVE_PORT_QUARANTINE_S": "0",
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
         "RAY_SERVE_LOG_TO_STDERR": "1",
+        # Serve's hook for HTTP server middlewares, called in each process that starts one: the
+        # replica puts the API's guard in front of Serve's request handling (`front_gate`)
+        "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": FRONT_GATE_IMPORT_PATH,
     }
 
 
@@ -120,3 +137,26 @@ def reuse_address_in_replica() -> bool:
         return False
     http_util.socket = _ReuseAddressSockets()
     return True
+
+
+def install_front_gate(token: str, limits: Any) -> None:
+    """From the API replica, once its app (and so its ApiLimits) exists and before Serve starts the
+    replica's HTTP server: what `front_gate` puts in front of Serve in this process."""
+    global _front_gate_config
+    _front_gate_config = (token, limits)
+
+
+def front_gate() -> list:
+    """Serve's HTTP middleware hook (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, set by
+    `direct_ingress_env`): the API's guard in the API replica's server, nothing elsewhere (Serve's
+    proxy: requests through it meet the app's own guard in the replica)."""
+    if _front_gate_config is None:
+        return []
+    from starlette.middleware import Middleware
+
+    from masklet.deploy.api_security import DEFAULT_PUBLIC_PATHS, SERVE_HEALTH_PATHS, GuardMiddleware
+
+    token, limits = _front_gate_config
+    # Serve's own routes on this port stay as token-free as they are through its proxy
+    return [Middleware(GuardMiddleware, token=token, limits=limits,
+                       public_paths=(*DEFAULT_PUBLIC_PATHS, *SERVE_HEALTH_PATHS))]

@@ -231,3 +231,74 @@ def test_a_direct_ingress_replica_binds_with_so_reuseaddr(monkeypatch):
         assert created.getsockopt(sockets.SOL_SOCKET, sockets.SO_REUSEADDR) == 1
         created.bind(("127.0.0.1", 0))  # the rest of the module is the real one
     assert http_util.socket.AF_INET6 == sockets.AF_INET6 and http_util.socket.error is OSError
+
+
+def test_the_front_gate_answers_before_serve_in_a_direct_ingress_replica(monkeypatch):
+    """Under direct ingress the replica's HTTP server runs Serve's request handling (~1 ms of the event
+    loop per request here) before the app's guard; the API replica puts a second instance of that guard
+    in front of it through Serve's own middleware hook (deploy/serve_ingress.py, "The front gate"). Ray's
+    code composes it here as in the replica: refusals (401, 503 + Retry-After at the cap) never reach
+    Serve's handler; Serve's token-free routes stay token-free; other processes (Serve's proxy) get none."""
+    import asyncio
+
+    from ray.serve._private import http_util
+    from ray.serve.config import HTTPOptions
+
+    from masklet.deploy import serve_ingress
+    from masklet.deploy.api_security import ApiLimits
+
+    assert serve_ingress.direct_ingress_env(18000)["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] == \
+        serve_ingress.FRONT_GATE_IMPORT_PATH
+    monkeypatch.setattr(http_util, "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", serve_ingress.FRONT_GATE_IMPORT_PATH)
+    monkeypatch.setattr(serve_ingress, "_front_gate_config", None)  # restored after the test
+    assert http_util.configure_http_middlewares(HTTPOptions()).middlewares == []  # a proxy: nothing installed
+    limits = ApiLimits(max_body_bytes=1000, max_streams=4, max_in_flight=1)
+    serve_ingress.install_front_gate("tok", limits)
+    middlewares = http_util.configure_http_middlewares(HTTPOptions()).middlewares
+
+    reached: list[str] = []
+    release = asyncio.Event()
+
+    async def serve_handler(scope, receive, send):  # stands for Serve's _direct_ingress_asgi
+        reached.append(scope["path"])
+        if scope["path"] == "/slow":
+            await release.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    server_app = http_util._apply_middlewares(serve_handler, middlewares)
+
+    async def call(path: str, token: str | None = "tok") -> tuple[int, dict]:
+        headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+        scope = {"type": "http", "method": "GET", "path": path, "raw_path": path.encode(), "root_path": "",
+                 "query_string": b"", "headers": headers, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2),
+                 "scheme": "http", "http_version": "1.1", "asgi": {"version": "3.0"}}
+        sent: list[dict] = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        await server_app(scope, receive, send)
+        start = sent[0]
+        return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}
+
+    async def scenario():
+        slow = asyncio.create_task(call("/slow"))
+        while "/slow" not in reached:
+            await asyncio.sleep(0)
+        busy = await call("/streams")            # the cap (1) is taken by /slow
+        anonymous = await call("/streams", token=None)
+        serve_route = await call("/-/healthz", token=None)
+        health = await call("/health/live", token=None)  # never counted, never refused
+        release.set()
+        return await slow, busy, anonymous, serve_route, health
+
+    slow, busy, anonymous, serve_route, health = asyncio.run(scenario())
+    assert slow[0] == 200 and busy[0] == 503 and busy[1].get("retry-after") == "1", busy
+    assert anonymous[0] == 401 and serve_route[0] == 200 and health[0] == 200
+    assert reached == ["/slow", "/-/healthz", "/health/live"], reached  # refusals never reached Serve
+    limits.max_in_flight = 5  # Serve's reconfigure changes the app's ApiLimits: the gate reads the same object
+    assert asyncio.run(call("/streams"))[0] == 200

@@ -88,6 +88,12 @@ def test_masklet_serve_answers_from_the_replica_sheds_load_and_survives_a_replic
         wait_for(lambda: "masklet serve: console and API" in output(), timeout=120, interval=0.5,
                  message="masklet serve's ready line")
         assert "served by the API replica" in output(), output()
+        # Ray called the front gate hook (deploy/serve_ingress.py) in the replica: the app's guard answers
+        # ahead of Serve's request handling there
+        full_log = (tmp_path / "serve.log").read_text(errors="replace")
+        assert any("ServeReplica" in line and "masklet.deploy.serve_ingress:front_gate" in line
+                   for line in full_log.splitlines()), full_log[-4000:]
+        assert requests.get(url + "/-/healthz", timeout=30).status_code == 200  # Serve's own route: token-free
         replica = listening_pid(port)
         assert replica is not None and "ServeReplica" in cmdline(replica), (replica, cmdline(replica or 0))
         assert requests.get(url + "/streams", timeout=30).status_code == 401  # the app itself, token and all
