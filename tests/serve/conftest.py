@@ -172,8 +172,24 @@ def stop_cli(process, timeout: float = 180.0) -> None:
     try:
         process.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
+        print(f"{process.args[:4]} still running {timeout:.0f} s after Ctrl-C; its threads:\n{python_stacks(process.pid)}")
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=60)
+
+
+def python_stacks(pid: int) -> str:
+    """Every thread's Python stack in process `pid` (py-spy, where installed), for a
+    failure message: what a command that does not stop is waiting on."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    spy = Path(sys.executable).with_name("py-spy")
+    try:
+        done = subprocess.run([str(spy), "dump", "--pid", str(pid)], capture_output=True, text=True, timeout=60)
+        return (done.stdout + done.stderr)[-8000:]
+    except (OSError, subprocess.SubprocessError) as exc:
+        return f"(no stacks: {type(exc).__name__}: {exc})"
 
 
 @contextlib.contextmanager
