@@ -277,8 +277,12 @@ def _client(spec: dict) -> int:
     thread.join(10)
     producer.close(10)
     got = {k: v for k, v in arrived.items() if k in sent}
+    # raw: every frame's send and arrival time (perf_counter: CLOCK_MONOTONIC, one clock for all processes
+    # of this machine), for bench/kafka_hops.py
+    raw = {"sent": {f"{k[0]}/{k[1]}": sent[k] for k in got}, "arrived": {f"{k[0]}/{k[1]}": t for k, (t, _) in got.items()},
+           "client_cpu_s": time.process_time()} if spec.get("raw") else {}
     print(json.dumps({**_percentiles([t - sent[k] for k, (t, _) in got.items()]),
-                      "dropped": sum(d for _, d in got.values())}))
+                      "dropped": sum(d for _, d in got.values()), **raw}))
     return 0
 
 

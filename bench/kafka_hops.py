@@ -1,0 +1,189 @@
+"""Where Kafka's added live latency goes (issue 11): each hop timed per frame, beside the same session
+in-process, with the CPU every process used.
+
+    .venv/bin/python bench/kafka_hops.py [--fps 2] [--frames 40] [--repeats 3]   # writes bench/results/kafka_hops.json
+
+One stream, sam2.1_hiera_tiny (random weights) at 256 px on Ray actors, one object, real 720p JPEGs
+of ../shared/videos/01_dog.mp4, as bench/kafka_bench.py runs its live paths (same camera and reader
+child process, profile "live"). Per frame, on one clock (perf_counter is CLOCK_MONOTONIC, shared by
+the processes of this machine):
+  in_process:  submit -> output                          (LiveSession alone)
+  kafka:       send -> submit    (producer, broker, the runner's consumer and intake)
+               submit -> publish (the session, then the runner's publisher thread hands it to the producer)
+               publish -> arrival (producer, broker, the reader's consumer)
+The paths alternate, `--repeats` times each. CPU seconds per process name over each trial (from
+/proc) show what else runs beside the model on the 2 cores: the embedded broker (Tansu), the
+runner's and the client's Kafka clients.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
+
+import kafka_bench as kb  # noqa: E402
+from masklet.actors.sources import open_source  # noqa: E402
+from masklet.pipeline.config import KafkaSettings, KafkaTopics  # noqa: E402
+from masklet.pipeline.kafka.broker import EmbeddedBroker  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cpu_by_process() -> dict[int, tuple[float, str]]:
+    """(user + system CPU seconds, name) of every process now."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+                fields = stat[stat.rindex(")") + 2:].split()
+                out[int(entry.name)] = ((int(fields[11]) + int(fields[12])) / 100, stat[stat.index("(") + 1:stat.rindex(")")])
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def cpu_used(before: dict, after: dict) -> dict[str, float]:
+    used: dict[str, float] = {}
+    for pid, (seconds, name) in after.items():
+        used[name] = used.get(name, 0.0) + seconds - before.get(pid, (0.0, ""))[0]
+    return {name: round(s, 2) for name, s in sorted(used.items(), key=lambda kv: -kv[1]) if s >= 0.05}
+
+
+def ms(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
+
+
+def in_process(jpegs: list, fps: float) -> dict:
+    from masklet.actors.messages import PromptMessage
+    from masklet.actors.payloads import EncodedImage
+    from masklet.pipeline.live import LiveConfig, LiveSession
+
+    sent, latency = {}, {}
+
+    def on_output(out) -> None:
+        if out.record is not None and out.record.revision == 0:
+            latency[out.record.frame_idx] = time.perf_counter() - sent[out.record.frame_idx]
+
+    session = LiveSession(kb.backend(), kb.TINY, LiveConfig(queue_capacity=2), on_output=on_output)
+    session.open_stream("cam0", 1280, 720)
+    session.submit_prompt(PromptMessage(stream_id="cam0", object_id=1, frame_idx=0, action="add", box=kb._box(1280, 720)))
+    session.start()
+    encoded = [EncodedImage(j, "image/jpeg", 1280, 720) for j in jpegs]
+    sent[0] = time.perf_counter()
+    session.submit_frame("cam0", 0, 0.0, encoded[0])  # warms the actors up; not timed (as for Kafka)
+    deadline = time.monotonic() + 180
+    while 0 not in latency and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+    def send(_: str, i: int) -> None:
+        sent[i] = time.perf_counter()
+        session.submit_frame("cam0", i, i / fps, encoded[i])
+
+    kb._paced(len(jpegs), fps, ["cam0"], lambda sid, i: i and send(sid, i))
+    deadline = time.monotonic() + 120
+    while len(jpegs) - 1 not in latency and time.monotonic() < deadline:
+        time.sleep(0.02)
+    session.shutdown()
+    timed = [latency[i] for i in range(1, len(jpegs)) if i in latency]
+    return {"frames": len(timed), "submit_to_output_p50_ms": ms(timed, 0.5), "submit_to_output_p99_ms": ms(timed, 0.99)}
+
+
+def through_kafka(broker: EmbeddedBroker, frames: int, fps: float, trial: int) -> dict:
+    from masklet.pipeline.kafka.run import KafkaRunner
+    from masklet.pipeline.live import LiveConfig
+
+    prefix = f"hops-{trial}-{int(time.time())}"
+    topics = KafkaTopics(frames=f"{prefix}.frames", prompts=f"{prefix}.prompts", masklets=f"{prefix}.masklets",
+                         deadletter=f"{prefix}.deadletter")
+    broker.create_topics([topics.frames, topics.prompts, topics.masklets, topics.deadletter])
+    settings = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, topics=topics, group_id=prefix,
+                             live={"profile": "live"})
+    submitted, published = {}, {}
+
+    def on_published(out) -> None:  # the runner's publisher thread, once the record is handed to the producer
+        if out.record is not None and out.record.revision == 0:
+            published[f"{out.record.stream_id}/{out.record.frame_idx}"] = time.perf_counter()
+
+    runner = KafkaRunner(settings, kb.backend(), kb.TINY, LiveConfig(queue_capacity=2), overload="drop",
+                         on_output=on_published)
+    submit_frame = runner.session.submit_frame
+
+    def timed_submit(stream_id, frame_idx, *args, **kwargs):
+        submitted[f"{stream_id}/{frame_idx}"] = time.perf_counter()
+        return submit_frame(stream_id, frame_idx, *args, **kwargs)
+
+    runner.session.submit_frame = timed_submit  # the intake looks it up on the session at every frame
+    stop = threading.Event()
+    thread = threading.Thread(target=runner.run, args=(stop.is_set,), daemon=True)
+    thread.start()
+    try:
+        client = subprocess.run([sys.executable, str(ROOT / "bench" / "kafka_bench.py"), "--client", json.dumps({
+            "bootstrap": broker.bootstrap_servers, "topics": topics.model_dump(), "profile": "live", "fps": fps,
+            "frames": frames, "streams": ["cam0"], "raw": True})], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    finally:
+        stop.set()
+        thread.join(60)
+    if client.returncode != 0:
+        raise RuntimeError(f"bench client failed: {client.stderr[-3000:]}")
+    raw = json.loads(client.stdout.strip().splitlines()[-1])
+    keys = [k for k in raw["sent"] if k in submitted and k in published]
+    hops = {"end_to_end": [raw["arrived"][k] - raw["sent"][k] for k in keys],
+            "send_to_submit": [submitted[k] - raw["sent"][k] for k in keys],
+            "submit_to_publish": [published[k] - submitted[k] for k in keys],
+            "publish_to_arrival": [raw["arrived"][k] - published[k] for k in keys]}
+    return {"frames": len(keys), "dropped": raw["dropped"],
+            **{f"{hop}_{q}_ms": ms(values, p) for hop, values in hops.items() for q, p in (("p50", 0.5), ("p99", 0.99))},
+            "send_to_submit_max_ms": ms(hops["send_to_submit"], 1.0),
+            "publish_to_arrival_max_ms": ms(hops["publish_to_arrival"], 1.0)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--fps", type=float, default=2.0)
+    parser.add_argument("--frames", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "kafka_hops.json"))
+    args = parser.parse_args()
+    from bench_common import machine
+
+    with open_source(str(kb.VIDEOS / "01_dog.mp4"), max_frames=args.frames) as source:
+        jpegs = [kb.encode_jpeg(frame.rgb) for frame in source.frames()]
+    trials: dict[str, list] = {"in_process": [], "kafka": []}
+    with EmbeddedBroker(port=0) as broker:
+        for repeat in range(args.repeats):
+            order = ("in_process", "kafka") if repeat % 2 == 0 else ("kafka", "in_process")
+            for path in order:
+                before = cpu_by_process()
+                result = in_process(jpegs, args.fps) if path == "in_process" else through_kafka(broker, args.frames, args.fps, repeat)
+                result["cpu_s"] = cpu_used(before, cpu_by_process())
+                trials[path].append(result)
+                print(f"{path} repeat {repeat}: {result}", flush=True)
+
+    def median(path: str, key: str) -> float:
+        return round(statistics.median(t[key] for t in trials[path]), 1)
+
+    kafka_keys = [k for k in trials["kafka"][0] if k.endswith("_ms")]
+    summary = {"in_process": {k: median("in_process", k) for k in ("submit_to_output_p50_ms", "submit_to_output_p99_ms")},
+               "kafka": {k: median("kafka", k) for k in kafka_keys}}
+    summary["kafka_hops_p50_ms"] = round(summary["kafka"]["send_to_submit_p50_ms"] + summary["kafka"]["publish_to_arrival_p50_ms"], 1)
+    summary["session_slower_beside_kafka_p50_ms"] = round(summary["kafka"]["submit_to_publish_p50_ms"]
+                                                          - summary["in_process"]["submit_to_output_p50_ms"], 1)
+    report = {"benchmark": "kafka_hops", "fps": args.fps, "frames": args.frames, "repeats": args.repeats,
+              "model": "sam2.1_hiera_tiny random weights, 256 px, cpu, ray actors, 1 stream, 1 object",
+              "summary": summary, "trials": trials, "machine": machine()}
+    print(json.dumps(summary, indent=1))
+    Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
