@@ -35,13 +35,15 @@ The front gate: in the replica's server, Serve handles each request (request met
 backpressure, a receive proxy, metrics) before the app's guard sees it, about 1 ms of the event
 loop's time per request here. Under a flood the app's 503s waited behind that work for everyone:
 with 200 requests always outstanding, 160-537 ms p50 without the gate, 63-219 ms with it, side by
-side on this machine, floods right after a stream started (the goal is 100 ms; 81-84 ms in the
-final bench run, which waits for the stream's actors to start). Ray calls the middleware hook named by RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH wherever
-it starts an HTTP server; in the API replica `front_gate` answers with a second instance of the
-app's own guard (api_security.GuardMiddleware: token, in-flight and SSE caps, body size) in front of
-Serve, so a refused request costs uvicorn and that guard only. It shares the app's ApiLimits (live
-reconfigure applies to both). The app keeps its own guard, which still guards whatever arrives
-through Serve's proxy; the front counts first, so the inner count never exceeds it.
+side on this machine, floods right after a stream started (the goal is 100 ms; 81-84 ms in the final
+bench run, which waits for the stream's actors to start). Ray calls the middleware hook named by
+RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH wherever it starts an HTTP server; in the API replica
+`front_gate` answers with a second instance of the app's own guard (api_security.GuardMiddleware:
+token, in-flight and SSE caps, declared body size; a body sent without Content-Length is cut at the
+cap by the app's guard) in front of Serve, so a refused request costs uvicorn and that guard only.
+It shares the app's ApiLimits (live reconfigure applies to both). The app keeps its own guard, which
+still guards whatever arrives through Serve's proxy; the front counts first, so the inner count
+never exceeds it.
 """
 from __future__ import annotations
 
@@ -159,5 +161,7 @@ def front_gate() -> list:
 
     token, limits = _front_gate_config
     # Serve's own routes on this port stay as token-free as they are through its proxy
+    # A body without Content-Length is cut at the cap by the app's own guard: raised here, inside
+    # Serve's receive task, it would end the request as a client gone (499) instead of a 413.
     return [Middleware(GuardMiddleware, token=token, limits=limits,
-                       public_paths=(*DEFAULT_PUBLIC_PATHS, *SERVE_HEALTH_PATHS))]
+                       public_paths=(*DEFAULT_PUBLIC_PATHS, *SERVE_HEALTH_PATHS), cut_streamed_bodies=False)]

@@ -175,3 +175,34 @@ def test_the_health_listener_answers_while_a_flood_queues_in_serves_proxy(ray_se
     assert {c for c, _, _, _ in in_flood} == {200}, in_flood
     # the listener does not queue behind the flood: an order of magnitude apart, robust to a loaded machine
     assert statistics.median(listener_s) * 10 < statistics.median(proxy_s), in_flood
+
+
+def test_bodies_over_the_cap_get_413_through_serve(api_port):
+    """Through Ray Serve, whichever ingress: a body over serve.max_body_bytes is refused with 413, both
+    when its Content-Length says so (before it is read) and when it arrives chunked (cut off at the
+    cap). Under direct ingress the API's guard stands in front of Serve's request handling too (the
+    front gate, deploy/serve_ingress.py), so the chunked cut happens inside Serve's receive path."""
+    from ray import serve
+
+    from masklet.deploy.serve_deployment import app
+    from masklet.pipeline.config import ServeSettings
+
+    options = {"checkpoint": "random", "image_size": 256, "device": "cpu", "token": TOKEN, "max_batch_size": 2}
+    serve.run(app(options), name="masklet", route_prefix="/")
+    url = f"http://127.0.0.1:{api_port}"
+    wait_for(lambda: _get(url, "/health/live", token=None)[0] == 200, timeout=120, interval=0.5,
+             message="the API answering")
+    cap = ServeSettings().max_body_bytes
+    headers = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    declared = requests.post(url + "/streams", data=b" " * (cap + 1), headers=headers, timeout=60)
+
+    def chunks():  # no Content-Length
+        for _ in range(cap // (1 << 20) + 2):
+            yield b" " * (1 << 20)
+
+    chunked = requests.post(url + "/streams", data=chunks(), headers=headers, timeout=60)
+    after = requests.get(url + "/streams", headers=headers, timeout=30)
+    print(f"declared: {declared.status_code} {declared.text[:200]}; chunked: {chunked.status_code} {chunked.text[:200]}")
+    assert declared.status_code == 413 and "byte limit" in declared.json()["detail"], declared.text
+    assert chunked.status_code == 413 and "byte limit" in chunked.json()["detail"], chunked.text
+    assert after.status_code == 200  # the API goes on
