@@ -10,6 +10,8 @@ import importlib
 import sys
 from typing import Any, Sequence
 
+from masklet.deploy.signals import restore_ctrl_c
+
 COMMANDS = [
     "masklet.deploy.segment",
     "masklet.deploy.cli",  # models
@@ -28,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    restore_ctrl_c()
     parser = build_parser()
     args = parser.parse_args(argv)  # usage errors exit with status 2 (argparse)
     try:

@@ -13,6 +13,7 @@ from typing import Optional, Sequence
 
 from masklet.deploy.metrics_flags import add_metrics_arguments, start_metrics
 from masklet.deploy.model_args import add_model_arguments
+from masklet.deploy.signals import restore_ctrl_c
 
 EXIT_OK, EXIT_ERROR, EXIT_GAVE_UP, EXIT_INCOMPLETE = 0, 1, 3, 4
 
@@ -228,6 +229,7 @@ def register(subparsers) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    restore_ctrl_c()
     parser = argparse.ArgumentParser(prog="masklet", description=__doc__.splitlines()[0])
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -6,6 +6,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from masklet.pipeline.kafka.broker import EmbeddedBroker, probe_metadata
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -45,12 +47,19 @@ def test_start_stop_reaps_the_process_and_frees_the_port():
     assert not probe_metadata("127.0.0.1", port, timeout=0.3)
 
 
-def test_masklet_broker_prints_bootstrap_and_stops_on_ctrl_c(tmp_path):
+@pytest.mark.parametrize("sigint", ["default", "ignored"])
+def test_masklet_broker_prints_bootstrap_and_stops_on_ctrl_c(tmp_path, sigint):
+    """Ctrl-C (SIGINT) stops `masklet broker`, also when it was started with SIGINT ignored, as a shell
+    starts a script's background jobs (`masklet broker &`): Python keeps an ignored SIGINT ignored
+    unless the command restores it (deploy/signals.py)."""
     from masklet.pipeline.kafka.broker import free_port
 
     port = free_port()
+    command = [sys.executable, "-m", "masklet.deploy.kafka_cli", "broker", "--port", str(port)]
+    if sigint == "ignored":  # the shell's `trap '' INT`, inherited through exec like a background job's
+        command = ["bash", "-c", 'trap "" INT; exec "$@"', "bash", *command]
     process = subprocess.Popen(
-        [sys.executable, "-m", "masklet.deploy.kafka_cli", "broker", "--port", str(port)],
+        command,
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
     )
