@@ -202,23 +202,27 @@ class ThroughKafka:
         settings = KafkaSettings(bootstrap_servers=self.broker.bootstrap_servers, topics=topics, group_id=prefix,
                                  live={"profile": self.profile})
         runner = KafkaRunner(settings, backend(), _BACKEND["model"], LiveConfig(queue_capacity=2), overload="drop")
-        stop = threading.Event()
-        thread = threading.Thread(target=runner.run, args=(stop.is_set,), daemon=True)
-        thread.start()
-        try:
-            client = subprocess.run(
-                [sys.executable, __file__, "--client", json.dumps({
-                    "bootstrap": self.broker.bootstrap_servers, "topics": topics.model_dump(), "profile": self.profile,
-                    "fps": fps, "frames": len(frames), "streams": streams})],
-                capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
-        finally:
-            stop.set()
-            thread.join(60)
-        if client.returncode != 0:
-            raise RuntimeError(f"bench client failed: {client.stderr[-3000:]}")
-        result = json.loads(client.stdout.strip().splitlines()[-1])
+        result = run_with_client(runner, {"bootstrap": self.broker.bootstrap_servers, "topics": topics.model_dump(),
+                                          "profile": self.profile, "fps": fps, "frames": len(frames), "streams": streams})
         result["prompt_waits"] = runner.stats.snapshot().total("masklet_kafka_prompt_waits_total")
         return result
+
+
+def run_with_client(runner, spec: dict) -> dict:
+    """`runner` (a KafkaRunner) on a thread of this process while the camera and reader child process
+    (`--client`, `spec`) sends and times the frames; the child's JSON line."""
+    stop = threading.Event()
+    thread = threading.Thread(target=runner.run, args=(stop.is_set,), daemon=True)
+    thread.start()
+    try:
+        client = subprocess.run([sys.executable, __file__, "--client", json.dumps(spec)],
+                                capture_output=True, text=True, timeout=600, cwd=REPO_ROOT)
+    finally:
+        stop.set()
+        thread.join(60)
+    if client.returncode != 0:
+        raise RuntimeError(f"bench client failed: {client.stderr[-3000:]}")
+    return json.loads(client.stdout.strip().splitlines()[-1])
 
 
 def _client(spec: dict) -> int:

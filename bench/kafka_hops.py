@@ -20,9 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -122,19 +120,8 @@ def through_kafka(broker: EmbeddedBroker, frames: int, fps: float, trial: int) -
         return submit_frame(stream_id, frame_idx, *args, **kwargs)
 
     runner.session.submit_frame = timed_submit  # the intake looks it up on the session at every frame
-    stop = threading.Event()
-    thread = threading.Thread(target=runner.run, args=(stop.is_set,), daemon=True)
-    thread.start()
-    try:
-        client = subprocess.run([sys.executable, str(ROOT / "bench" / "kafka_bench.py"), "--client", json.dumps({
-            "bootstrap": broker.bootstrap_servers, "topics": topics.model_dump(), "profile": "live", "fps": fps,
-            "frames": frames, "streams": ["cam0"], "raw": True})], capture_output=True, text=True, timeout=600, cwd=ROOT)
-    finally:
-        stop.set()
-        thread.join(60)
-    if client.returncode != 0:
-        raise RuntimeError(f"bench client failed: {client.stderr[-3000:]}")
-    raw = json.loads(client.stdout.strip().splitlines()[-1])
+    raw = kb.run_with_client(runner, {"bootstrap": broker.bootstrap_servers, "topics": topics.model_dump(),
+                                      "profile": "live", "fps": fps, "frames": frames, "streams": ["cam0"], "raw": True})
     keys = [k for k in raw["sent"] if k in submitted and k in published]
     hops = {"end_to_end": [raw["arrived"][k] - raw["sent"][k] for k in keys],
             "send_to_submit": [submitted[k] - raw["sent"][k] for k in keys],
