@@ -41,30 +41,30 @@ def machine() -> dict:
     return info
 
 
+def process_cpu(pid: int) -> tuple[float, str] | None:
+    """(user + system CPU seconds, command name) of process `pid` from /proc; None once it exited."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = stat.rsplit(")", 1)[1].split()  # the name may hold spaces and parentheses
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), stat[stat.index("(") + 1:stat.rindex(")")]
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def cpu_by_process() -> dict[int, tuple[float, str]]:
+    """`process_cpu` of every process now."""
+    found = {int(e.name): process_cpu(int(e.name)) for e in Path("/proc").iterdir() if e.name.isdigit()}
+    return {pid: cpu for pid, cpu in found.items() if cpu is not None}
+
+
 def tree_cpu_s(root: int | None = None) -> float:
     """User + system CPU seconds of process `root` (default: this one) and every live descendant
     (a Ray session this process started: GCS, raylet, workers), from /proc. A process that exited
     meanwhile drops out, so take differences over windows in which the tree stays up."""
-    root = os.getpid() if root is None else root
-    tick = os.sysconf("SC_CLK_TCK")
-    parent, cpu = {}, {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parent[int(entry)] = int(fields[1])
-        cpu[int(entry)] = (int(fields[11]) + int(fields[12])) / tick
-    total = 0.0
-    for pid in cpu:
-        walk = pid
-        while walk not in (root, 0, 1) and walk in parent:
-            walk = parent[walk]
-        if walk == root:
-            total += cpu[pid]
-    return total
+    from masklet.monitoring.processes import descendant_pids
+
+    cpus = (process_cpu(pid) for pid in descendant_pids(os.getpid() if root is None else root))
+    return sum(cpu[0] for cpu in cpus if cpu is not None)
 
 
 def plain_loop(spec, paths, points, frames: int, open_fn=None) -> dict:

@@ -27,25 +27,12 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import kafka_bench as kb  # noqa: E402
+from bench_common import cpu_by_process, machine  # noqa: E402
 from masklet.actors.sources import open_source  # noqa: E402
 from masklet.pipeline.config import KafkaSettings, KafkaTopics  # noqa: E402
 from masklet.pipeline.kafka.broker import EmbeddedBroker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_by_process() -> dict[int, tuple[float, str]]:
-    """(user + system CPU seconds, name) of every process now."""
-    out = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-                fields = stat[stat.rindex(")") + 2:].split()
-                out[int(entry.name)] = ((int(fields[11]) + int(fields[12])) / 100, stat[stat.index("(") + 1:stat.rindex(")")])
-            except (OSError, ValueError, IndexError):
-                continue
-    return out
 
 
 def cpu_used(before: dict, after: dict) -> dict[str, float]:
@@ -140,7 +127,6 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "kafka_hops.json"))
     args = parser.parse_args()
-    from bench_common import machine
 
     with open_source(str(kb.VIDEOS / "01_dog.mp4"), max_frames=args.frames) as source:
         jpegs = [kb.encode_jpeg(frame.rgb) for frame in source.frames()]

@@ -52,10 +52,12 @@ def _ms(values: list[float], q: float) -> float | None:
 
 def busy_cores(window_s: float = 2.0) -> float:
     """Cores in use on the whole machine over `window_s` seconds (/proc/stat: all but idle and iowait)."""
-    def sample() -> tuple[int, int]:
+    def sample() -> tuple[int, int]:  # (all jiffies, idle + iowait jiffies) since boot
         fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
         return sum(fields), fields[3] + fields[4]
-    (total0, idle0), _ = sample(), time.sleep(window_s)
+
+    total0, idle0 = sample()
+    time.sleep(window_s)
     total1, idle1 = sample()
     return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(1, total1 - total0))
 

@@ -160,8 +160,8 @@ def front_gate() -> list:
     from masklet.deploy.api_security import DEFAULT_PUBLIC_PATHS, SERVE_HEALTH_PATHS, GuardMiddleware
 
     token, limits = _front_gate_config
-    # Serve's own routes on this port stay as token-free as they are through its proxy
-    # A body without Content-Length is cut at the cap by the app's own guard: raised here, inside
-    # Serve's receive task, it would end the request as a client gone (499) instead of a 413.
+    # Serve's own routes on this port stay as token-free as they are through its proxy. A body without
+    # Content-Length is cut at the cap by the app's own guard: raised here, inside Serve's receive
+    # task, it would end the request as a client gone (499) instead of a 413.
     return [Middleware(GuardMiddleware, token=token, limits=limits,
                        public_paths=(*DEFAULT_PUBLIC_PATHS, *SERVE_HEALTH_PATHS), cut_streamed_bodies=False)]
