@@ -9,8 +9,8 @@ ingress, Serve's own `/-/healthz` alike. A liveness probe that waits in that que
 when the server is busiest, and an orchestrator would then restart a healthy server under load.
 This listener is a thread of the MaskletAPI replica with its own socket: it answers from state it
 reads without waiting on the app (the Kafka check of /health/ready is cached), so it does not queue
-behind the API's traffic (4-18 ms p50 in those floods; the worst probes took 15-39 ms in every
-direct-ingress flood of the final run, up to 171 ms beside Serve's proxy, and up to 497 ms while a
+behind the API's traffic (4-18 ms p50 in those floods; the worst probes took 19-56 ms in every
+direct-ingress flood of the final run, up to 360 ms beside Serve's proxy, and up to 497 ms while a
 stream's actors were still starting: the 2 oversubscribed cores, not this process, as an idle
 stand-alone listener process probed alongside showed the same outliers).
 

@@ -7,8 +7,8 @@ replica. Under a flood every request waits in it: with 200 requests always outst
 concurrency / throughput. With Ray Serve's throughput-optimized mode and direct ingress the replica
 runs its own HTTP server (uvicorn), where the app (and Serve's backpressure, past its limits)
 answers 503 + Retry-After. Side by side (bench/results/serve_overload_bench.json): /health/live
-floods ran at 1,227-1,242 requests/s instead of 258-264, and the app's 503s in an overlay-PNG flood
-came back in 81-84 ms p50 (with the front gate below) instead of 881-1,121 ms (README "Benchmarks").
+floods ran at 943-1,242 requests/s instead of 248-265, and the app's 503s in an overlay-PNG flood
+came back in 78-96 ms p50 (with the front gate below) instead of 869-997 ms (README "Benchmarks").
 
 Ray reads these switches from the environment of its processes (the controller allocates the
 replica's port; the replica starts the server), so they must be set before this process starts its
@@ -35,7 +35,7 @@ The front gate: in the replica's server, Serve handles each request (request met
 backpressure, a receive proxy, metrics) before the app's guard sees it, about 1 ms of the event
 loop's time per request here. Under a flood the app's 503s waited behind that work for everyone:
 with 200 requests always outstanding, 160-537 ms p50 without the gate, 63-219 ms with it, side by
-side on this machine, floods right after a stream started (the goal is 100 ms; 81-84 ms in the final
+side on this machine, floods right after a stream started (the goal is 100 ms; 78-96 ms in the final
 bench run, which waits for the stream's actors to start). Ray calls the middleware hook named by
 RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH wherever it starts an HTTP server; in the API replica
 `front_gate` answers with a second instance of the app's own guard (api_security.GuardMiddleware:
