@@ -6,7 +6,9 @@ Every ratio is measured side by side in this one run, on this machine:
   ceiling  A null model (SAM 2's API, no compute: masklet.model.null_model) through the Ray pipeline,
            2 streams x 8 objects of the shared 720p clips, vs ONE process doing the least work per
            frame: PyAV decode, then per object a full-resolution mask -> pycocotools RLE, toBbox, area
-           and JSON. Steady-state frames/s (after the first record) and start-up (to the first record).
+           and JSON. Steady-state frames/s between the records at 30% and 90% (by the first record the
+           stages already hold a queue of frames: timing from it flattered deeper queues) and start-up
+           (to the first record); the engine with its old, smaller rounds runs beside for comparison.
            Goals: >= 1.5x the loop on 2 cores, start-up <= 5 s whatever the object count.
   objects  `masklet segment` (subprocess) on one clip, 20 frames, tiny at 256 px (random weights) with
            1, 8 and 32 objects: peak PSS of the whole process tree (CLI + Ray), wall time, time to the
@@ -97,40 +99,46 @@ def least_work_loop(paths, n_objects: int, frames: int) -> dict:
     return {"frames": count, "wall_s": round(wall, 2), "fps": round(count / wall, 2), "cpu_ms_per_frame": round(cpu_ms, 2)}
 
 
-def pipeline(model: ModelSpec, paths, objects: dict, frames: int, out: Path, **executor) -> dict:
-    """The Ray engine on the clips; steady state is timed from the first record on."""
+def pipeline(model: ModelSpec, paths, objects: dict, frames: int, out: Path, engine: dict | None = None,
+             **executor) -> dict:
+    """The Ray engine on the clips. Steady state is timed between two records, at 30% and 90% of
+    them: by the first record the stages already hold a queue's worth of decoded and encoded frames,
+    so timing from there would credit deeper queues with work done before the clock started."""
     marks: dict = {}
-    cpu_mark = int(0.9 * frames * len(paths))  # CPU is read here, while every actor is still up
+    expected = frames * len(paths)
+    window = (max(2, int(0.3 * expected)), int(0.9 * expected))
 
     def progress(outcome):
         now = time.perf_counter()
-        if "first" not in marks:
-            marks["first"], marks["cpu_first"] = now, tree_cpu_s()
+        marks.setdefault("first", now)
         marks["published"] = marks.get("published", 0) + 1
-        marks["last"] = now
-        if marks["published"] == cpu_mark:
-            marks["cpu_mark"] = tree_cpu_s()
+        for name, at in zip(("from", "to"), window):
+            if marks["published"] == at:  # CPU is read while every actor is still up
+                marks[name], marks[f"cpu_{name}"] = now, tree_cpu_s()
 
     # The executor settings every command uses by default (pipeline.max_batch_size 8, max_wait_ms 10)
-    config = EngineConfig(executor=ExecutorConfig(**executor))
+    config = EngineConfig(executor=ExecutorConfig(**executor), **(engine or {}))
     backend = RayBackend(init_kwargs={"num_cpus": os.cpu_count()})
     try:
         start = time.perf_counter()
-        engine = Engine(backend, model, config, on_progress=progress)
+        engine_ = Engine(backend, model, config, on_progress=progress)
         specs = [StreamSpec(p.stem, functools.partial(open_source, str(p), max_frames=frames), objects,
                             JsonlOutputs(str(out)), bidirectional=False) for p in paths]
-        report = engine.run(specs)
+        report = engine_.run(specs)
         wall = time.perf_counter() - start
-        engine.shutdown()
+        engine_.shutdown()
     finally:
         backend.shutdown()
     total = sum(o.frames_published for o in report.streams.values())
-    steady = (total - 1) / (marks["last"] - marks["first"]) if total > 1 else 0.0
-    # every process of the session (driver, raylet, GCS, each actor) from the first record to cpu_mark
-    cpu_ms = (marks["cpu_mark"] - marks["cpu_first"]) * 1000 / (cpu_mark - 1) if "cpu_mark" in marks else None
+    timed = "to" in marks
+    span = window[1] - window[0]
+    steady = span / (marks["to"] - marks["from"]) if timed else 0.0
+    # every process of the session (driver, raylet, GCS, each actor) over the same window
+    cpu_ms = (marks["cpu_to"] - marks["cpu_from"]) * 1000 / span if timed else None
     return {"frames": total, "wall_s": round(wall, 2), "startup_s": round(marks["first"] - start, 2),
-            "cpu_ms_per_frame": None if cpu_ms is None else round(cpu_ms, 2),
+            "steady_window": list(window), "cpu_ms_per_frame": None if cpu_ms is None else round(cpu_ms, 2),
             "executor": {"max_batch_size": config.executor.max_batch_size, "max_wait_ms": config.executor.max_wait_ms},
+            "engine": {"decode_chunk": config.decode_chunk, "queue_capacity": config.queue_capacity},
             "steady_fps": round(steady, 2), "fps_overall": round(total / wall, 2),
             "failed": {k: o.error for k, o in report.streams.items() if not o.ok},
             "tracker_processes": len([n for n in report.actors if n.startswith("tracker")]),
@@ -138,34 +146,49 @@ def pipeline(model: ModelSpec, paths, objects: dict, frames: int, out: Path, **e
             "encoder_batch_sizes": {str(k): v for k, v in sorted(report.batch_sizes.items())}}
 
 
+# The file engine's round sizes before they grew (EngineConfig.decode_chunk 4, queue_capacity 16), run
+# beside the defaults so the JSON shows what the larger rounds buy, measured in the same session.
+SMALL_ROUNDS = {"decode_chunk": 4, "queue_capacity": 16}
+
+
 def bench_ceiling(paths, scratch: Path, frames: int, repeats: int = 5) -> dict:
-    """Loop and pipeline alternate, `repeats` times each; the ratio is of the medians (one run's
-    steady window is a few seconds, and this shared VM's runs vary by +-15%). CPU per frame (every
-    process of each side, /proc) is reported beside: it says where the time goes, and 2 cores'
-    worth of it bounds what the pipeline could reach."""
-    loops, pipes = [], []
+    """Loop, pipeline (defaults) and pipeline (SMALL_ROUNDS) alternate, `repeats` times each; ratios
+    are of the medians (one run's steady window is a few seconds, and this shared VM's runs vary by
+    +-15%). CPU per frame (every process of each side, /proc) is reported beside: it says where the
+    time goes, and 2 cores' worth of it bounds what the pipeline could reach."""
+    loops, pipes, smalls = [], [], []
     for r in range(repeats):
         loops.append(least_work_loop(paths, 8, frames))
         pipes.append(pipeline(NULL, paths, objects_for(8), frames, scratch / f"ceiling-{r}"))
+        smalls.append(pipeline(NULL, paths, objects_for(8), frames, scratch / f"ceiling-small-{r}",
+                               engine=SMALL_ROUNDS))
         print(f"  repeat {r}: loop {loops[-1]['fps']} frames/s, pipeline steady {pipes[-1]['steady_fps']} "
-              f"frames/s, start-up {pipes[-1]['startup_s']} s", flush=True)
-    loop_fps = float(np.median([x["fps"] for x in loops]))
-    steady = float(np.median([p["steady_fps"] for p in pipes]))
-    startup = float(np.median([p["startup_s"] for p in pipes]))
+              f"frames/s (small rounds {smalls[-1]['steady_fps']}), start-up {pipes[-1]['startup_s']} s", flush=True)
+
+    def median(runs, key):
+        return float(np.median([x[key] for x in runs if x[key] is not None]))
+
+    loop_fps, steady, small = median(loops, "fps"), median(pipes, "steady_fps"), median(smalls, "steady_fps")
+    startup = median(pipes, "startup_s")
     ratio = steady / loop_fps
-    loop_cpu = float(np.median([x["cpu_ms_per_frame"] for x in loops]))
-    pipe_cpu = float(np.median([p["cpu_ms_per_frame"] for p in pipes if p["cpu_ms_per_frame"] is not None]))
+    loop_cpu, pipe_cpu = median(loops, "cpu_ms_per_frame"), median(pipes, "cpu_ms_per_frame")
+    small_cpu = median(smalls, "cpu_ms_per_frame")
     print(f"least-work loop: {loop_fps} frames/s; null-model pipeline: steady {steady} frames/s, start-up "
           f"{startup} s -> {ratio:.2f}x the loop (goal >= 1.5x, start-up <= 5 s); medians of {repeats}. "
           f"CPU per frame: loop {loop_cpu} ms, pipeline {pipe_cpu} ms (2 cores fully used would give "
-          f"{2 * loop_cpu / pipe_cpu:.2f}x)")
+          f"{2 * loop_cpu / pipe_cpu:.2f}x). Small rounds {SMALL_ROUNDS}: {small} frames/s "
+          f"({small / loop_fps:.2f}x), {small_cpu} ms CPU per frame")
     return {"loop": loops[0], "pipeline": pipes[0], "loop_fps_runs": [x["fps"] for x in loops],
             "loop_cpu_ms_per_frame_runs": [x["cpu_ms_per_frame"] for x in loops],
             "pipeline_cpu_ms_per_frame_runs": [p["cpu_ms_per_frame"] for p in pipes],
             "two_core_bound_ratio": round(2 * loop_cpu / pipe_cpu, 3),
             "steady_fps_runs": [p["steady_fps"] for p in pipes], "startup_s_runs": [p["startup_s"] for p in pipes],
             "loop_fps_median": loop_fps, "steady_fps_median": steady, "startup_s_median": startup,
-            "ratio": round(ratio, 3)}
+            "ratio": round(ratio, 3),
+            "small_rounds": {"engine": SMALL_ROUNDS, "steady_fps_runs": [p["steady_fps"] for p in smalls],
+                             "cpu_ms_per_frame_runs": [p["cpu_ms_per_frame"] for p in smalls],
+                             "steady_fps_median": small, "cpu_ms_per_frame_median": small_cpu,
+                             "ratio": round(small / loop_fps, 3)}}
 
 
 # -- cost per object ---------------------------------------------------------------------------------
@@ -324,7 +347,7 @@ def bench_publish(paths) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default="publish,ceiling,objects,archive,real")
-    parser.add_argument("--frames", type=int, default=150, help="frames per clip for the ceiling run")
+    parser.add_argument("--frames", type=int, default=240, help="frames per clip for the ceiling run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "objects_bench.json")
     args = parser.parse_args()
     paths = clips()[:2]

@@ -96,7 +96,7 @@ class Engine:
         cfg = self.config
         ctrl = FileStream(spec.stream_id, spec.objects, bidirectional=spec.bidirectional, policy=spec.policy,
                           publish_pixels=getattr(spec.sink_factory, "needs_pixels", True),
-                          queue_capacity=cfg.queue_capacity, replay_frames=cfg.replay_frames,
+                          queue_capacity=cfg.queue_capacity, queue_bytes=cfg.queue_bytes, replay_frames=cfg.replay_frames,
                           snapshot_every=cfg.snapshot_every, backward_delay=cfg.backward_delay)
         self.streams[spec.stream_id] = _Stream(spec, ctrl, StreamOutcome(spec.stream_id, objects=len(ctrl.objects),
                                                                          started=self.clock()))
@@ -109,7 +109,7 @@ class Engine:
     def _room(self, s: _Stream) -> int:
         # Publishing is bounded too: frames sent to the publisher but not yet acknowledged count, so
         # a slow publisher (big masks, slow disk) holds reading back instead of piling frames up.
-        return min(s.ctrl.room(), self.config.queue_capacity - s.in_flight)
+        return min(s.ctrl.room(), s.ctrl.queue_capacity - s.in_flight)
 
     def _can_schedule(self) -> bool:
         return any(s.state == "running" and not s.reading and self._room(s) > 0 for s in self.streams.values())

@@ -81,7 +81,7 @@ class FileStream:
     def __init__(self, stream_id: str, objects: Mapping[int, Mapping[int, Prompt]], *, bidirectional: bool = True,
                  publish_pixels: bool = True,
                  policy: OverflowPolicy = OverflowPolicy.WAIT, queue_capacity: int = 16,
-                 replay_frames: int = 64, snapshot_every: int = 30, backward_delay: int = 0) -> None:
+                 queue_bytes: int | None = None, replay_frames: int = 64, snapshot_every: int = 30, backward_delay: int = 0) -> None:
         if snapshot_every > replay_frames:
             raise ValueError(f"snapshot_every ({snapshot_every}) must not exceed replay_frames ({replay_frames})")
         self.stream_id = stream_id
@@ -92,6 +92,7 @@ class FileStream:
         self.publish_pixels = publish_pixels
         self.policy = OverflowPolicy(policy)
         self.queue_capacity = queue_capacity
+        self.queue_bytes = queue_bytes  # caps queue_capacity once the frame size is known
         self.replay_frames = replay_frames
         self.snapshot_every = snapshot_every
         self.backward_delay = backward_delay
@@ -110,6 +111,8 @@ class FileStream:
 
     def set_video_size(self, width: int, height: int) -> None:
         self.video_size = (height, width)
+        if self.queue_bytes is not None:  # RGB24 pixels; two frames at least, so reading overlaps encoding
+            self.queue_capacity = max(2, min(self.queue_capacity, self.queue_bytes // max(1, 3 * width * height)))
         for obj in self.objects.values():
             for frame_idx, prompt in obj.prompts.items():
                 try:

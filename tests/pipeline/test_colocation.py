@@ -48,7 +48,9 @@ def masks(folder):
 
 
 def run(backend, root, **kw):
-    config = engine_cfg(max_batch_size=4, max_wait_ms=0, snapshot_every=3, replay_frames=6, backward_delay=1, **kw)
+    # Small reads (2 frames): 12-frame inputs then take enough tracker rounds for a kill on the 4th.
+    config = engine_cfg(max_batch_size=4, max_wait_ms=0, snapshot_every=3, replay_frames=6, backward_delay=1,
+                        decode_chunk=2, **kw)
     return Engine(backend, FAKE, config).run(specs(root))
 
 

@@ -210,3 +210,22 @@ def test_batcher_releases_when_full_or_timed_out():
 def test_engine_config_rejects_bad_values_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):
         cfg(**overrides)
+
+
+def test_frames_in_flight_are_bounded_in_bytes_too():
+    """queue_bytes caps a stream's frames in flight by their decoded size: 720p keeps the frame count,
+    4K gets a few frames, never fewer than two (reading overlaps encoding)."""
+    from masklet.pipeline.file_stream import FileStream
+
+    def capacity(width, height, budget=96 << 20):
+        stream = FileStream("s", {}, queue_capacity=32, queue_bytes=budget)
+        stream.set_video_size(width, height)
+        return stream.queue_capacity, stream.room()
+
+    assert capacity(1280, 720) == (32, 32)
+    assert capacity(1920, 1080) == (16, 16)
+    assert capacity(3840, 2160) == (4, 4)
+    assert capacity(7680, 4320, budget=1 << 20) == (2, 2)
+    unbounded = FileStream("s", {}, queue_capacity=32)
+    unbounded.set_video_size(3840, 2160)
+    assert unbounded.queue_capacity == 32

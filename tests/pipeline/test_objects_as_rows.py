@@ -60,11 +60,13 @@ def test_objects_pack_onto_one_tracker_actor_and_processes_are_reused_across_inp
 
 
 def test_capacity_one_gives_one_actor_per_object_with_identical_masks(tmp_path):
+    # Reads of 4 frames: all three inputs' objects are open at once (with long reads an input can end,
+    # and free its actors for the next input's objects, before the last object opens).
+    small = dict(max_batch_size=4, max_wait_ms=0, decode_chunk=4, queue_capacity=16)
     packed = InProcessBackend()
-    Engine(packed, FAKE, engine_cfg(max_batch_size=4, max_wait_ms=0)).run(streams(tmp_path, sub="packed"))
+    Engine(packed, FAKE, engine_cfg(**small)).run(streams(tmp_path, sub="packed"))
     single = InProcessBackend()
-    Engine(single, FAKE, engine_cfg(max_batch_size=4, max_wait_ms=0, objects_per_tracker=1)).run(
-        streams(tmp_path, sub="single"))
+    Engine(single, FAKE, engine_cfg(**small, objects_per_tracker=1)).run(streams(tmp_path, sub="single"))
     assert len(tracker_actors(single)) == 6 and len(tracker_actors(packed)) == 1
     for s in range(3):
         a, b = masks(tmp_path / "packed" / f"s{s}"), masks(tmp_path / "single" / f"s{s}")
