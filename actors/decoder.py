@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from masklet.actors.payloads import EncodedImage, FrameFailure, InputError, one_line
-from masklet.actors.runtime import actor_pid, limit_threads, node_id
+from masklet.actors.runtime import actor_pid, in_actor_process, keep_freed_memory, limit_threads, node_id
 from masklet.actors.sources import DEFAULT_MAX_PIXELS, SourceError, decode_image_bytes, set_decode_threads
 from masklet.monitoring.stats import Stats
 
@@ -45,6 +45,8 @@ class _Open:
 class DecoderActor:
     def __init__(self, num_threads: int | None = 1, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
         limit_threads(num_threads)
+        if in_actor_process():  # not in a caller's process (in-process backend): its heap, its policy
+            keep_freed_memory()  # every frame is a fresh frame-sized array, freed once stored
         set_decode_threads(num_threads)
         self.max_pixels = max_pixels
         self.streams: dict[str, _Open] = {}

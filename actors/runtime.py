@@ -44,6 +44,24 @@ def release_free_memory() -> None:
         trim(0)
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def keep_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 << 20) -> bool:
+    """Serve allocations up to `mmap_threshold` from the heap and keep up to `trim_threshold` of freed
+    heap mapped (glibc `mallopt`; False elsewhere). For a process that allocates and frees
+    frame-sized arrays all the time (a decoder: every frame is a fresh 2.7 MB array at 720p, freed
+    once it is in the object store): by default glibc hands such memory back to the OS and the next
+    frame faults every page in again. Page faults are expensive on VMs: on this project's 2-core
+    machine a fresh 2.7 MB buffer took 3.2 ms to fill against 0.12 ms for a reused one. The
+    opposite of `release_free_memory`, which trackers use for their one-off large activations."""
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+
+
 def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
