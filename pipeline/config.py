@@ -100,7 +100,9 @@ class PipelineSettings(_Section):
     max_wait_ms: float = Field(10.0, ge=0, le=10_000)
     # AUTO: WAIT for files/archives (never drop), DROP_OLDEST for live sources (count drops).
     queue_policy: Literal["AUTO", "WAIT", "DROP_OLDEST"] = "AUTO"
-    queue_capacity: int = Field(64, ge=1, le=100_000, description="decoded frames buffered per stream")
+    queue_capacity: int = Field(32, ge=1, le=100_000, description=(
+        "files: frames in flight per stream, also capped at 96 MiB of decoded pixels (720p 32, 4K 4); "
+        "live streams take theirs from `masklet run --queue-capacity`"))
     snapshot_every_n_frames: int = Field(30, ge=1)
     replay_buffer_frames: int = Field(64, ge=1, description="per-stream frames kept for tracker replay")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)

@@ -75,7 +75,7 @@ def engine_config(settings: MaskletSettings, model: ModelSpec, *, soft_masks: bo
                   **executor_overrides: Any) -> EngineConfig:
     ps = settings.pipeline
     return EngineConfig(executor=executor_config(settings, model, **executor_overrides),
-                        queue_capacity=min(ps.queue_capacity, EngineConfig.queue_capacity), replay_frames=ps.replay_buffer_frames,
+                        queue_capacity=ps.queue_capacity, replay_frames=ps.replay_buffer_frames,
                         snapshot_every=ps.snapshot_every_n_frames, backward_delay=backward_delay_for(model),
                         soft_masks=soft_masks)
 
