@@ -8,7 +8,9 @@ Every ratio is measured side by side in this one run, on this machine:
            frame: PyAV decode, then per object a full-resolution mask -> pycocotools RLE, toBbox, area
            and JSON. Steady-state frames/s between the records at 30% and 90% (by the first record the
            stages already hold a queue of frames: timing from it flattered deeper queues) and start-up
-           (to the first record); the engine with its old, smaller rounds runs beside for comparison.
+           (to the first record); the engine with its old, smaller rounds runs beside for comparison,
+           and so does the loop with one decode thread (by default PyAV decodes and converts to RGB
+           on as many threads as there are cores, so "one process" keeps ~1.3 cores busy).
            Goals: >= 1.5x the loop on 2 cores, start-up <= 5 s whatever the object count.
   objects  `masklet segment` (subprocess) on one clip, 20 frames, tiny at 256 px (random weights) with
            1, 8 and 32 objects: peak PSS of the whole process tree (CLI + Ray), wall time, time to the
@@ -67,10 +69,13 @@ def objects_for(n: int) -> dict:
 # -- ceiling ---------------------------------------------------------------------------------------
 
 
-def least_work_loop(paths, n_objects: int, frames: int) -> dict:
+def least_work_loop(paths, n_objects: int, frames: int, threads: int | None = None) -> dict:
     """One process, the least work per frame: decode, then per object RLE/bbox/area/JSON of a
-    full-resolution mask (the same blob masks the null model's trackers give)."""
+    full-resolution mask (the same blob masks the null model's trackers give). `threads`: PyAV's
+    decode and RGB-conversion threads (None: its default, as many as there are cores)."""
     from pycocotools import mask as coco
+
+    from masklet.actors import sources
 
     from masklet.actors.masks import upsample_logits
     from masklet.model.null_model import NullModel
@@ -82,6 +87,8 @@ def least_work_loop(paths, n_objects: int, frames: int) -> dict:
         low = t.step(0, None, Prompt(points=[[x, y]], labels=[1])).low_res_logits[0].numpy()
         masks.append(upsample_logits(low, (720, 1280)) > 0)
     own_cpu = lambda: sum(os.times()[:2])  # noqa: E731 - the loop is this one process (its decode threads included)
+    saved = sources._decode_threads
+    sources.set_decode_threads(threads)
     start, count, cpu_start = time.perf_counter(), 0, own_cpu()
     for path in paths:
         with open_source(str(path), max_frames=frames) as source:
@@ -96,7 +103,9 @@ def least_work_loop(paths, n_objects: int, frames: int) -> dict:
                 count += 1
     wall = time.perf_counter() - start
     cpu_ms = (own_cpu() - cpu_start) * 1000 / count
-    return {"frames": count, "wall_s": round(wall, 2), "fps": round(count / wall, 2), "cpu_ms_per_frame": round(cpu_ms, 2)}
+    sources.set_decode_threads(saved)
+    return {"frames": count, "wall_s": round(wall, 2), "fps": round(count / wall, 2), "cpu_ms_per_frame": round(cpu_ms, 2),
+            "cores_busy": round(cpu_ms * count / 1000 / wall, 2)}
 
 
 def pipeline(model: ModelSpec, paths, objects: dict, frames: int, out: Path, engine: dict | None = None,
@@ -156,13 +165,15 @@ def bench_ceiling(paths, scratch: Path, frames: int, repeats: int = 5) -> dict:
     are of the medians (one run's steady window is a few seconds, and this shared VM's runs vary by
     +-15%). CPU per frame (every process of each side, /proc) is reported beside: it says where the
     time goes, and 2 cores' worth of it bounds what the pipeline could reach."""
-    loops, pipes, smalls = [], [], []
+    loops, singles, pipes, smalls = [], [], [], []
     for r in range(repeats):
         loops.append(least_work_loop(paths, 8, frames))
+        singles.append(least_work_loop(paths, 8, frames, threads=1))
         pipes.append(pipeline(NULL, paths, objects_for(8), frames, scratch / f"ceiling-{r}"))
         smalls.append(pipeline(NULL, paths, objects_for(8), frames, scratch / f"ceiling-small-{r}",
                                engine=SMALL_ROUNDS))
-        print(f"  repeat {r}: loop {loops[-1]['fps']} frames/s, pipeline steady {pipes[-1]['steady_fps']} "
+        print(f"  repeat {r}: loop {loops[-1]['fps']} frames/s ({loops[-1]['cores_busy']} cores busy; one thread: "
+              f"{singles[-1]['fps']}), pipeline steady {pipes[-1]['steady_fps']} "
               f"frames/s (small rounds {smalls[-1]['steady_fps']}), start-up {pipes[-1]['startup_s']} s", flush=True)
 
     def median(runs, key):
@@ -173,18 +184,26 @@ def bench_ceiling(paths, scratch: Path, frames: int, repeats: int = 5) -> dict:
     ratio = steady / loop_fps
     loop_cpu, pipe_cpu = median(loops, "cpu_ms_per_frame"), median(pipes, "cpu_ms_per_frame")
     small_cpu = median(smalls, "cpu_ms_per_frame")
+    single_fps, single_cpu = median(singles, "fps"), median(singles, "cpu_ms_per_frame")
+    loop_cores = median(loops, "cores_busy")
     print(f"least-work loop: {loop_fps} frames/s; null-model pipeline: steady {steady} frames/s, start-up "
           f"{startup} s -> {ratio:.2f}x the loop (goal >= 1.5x, start-up <= 5 s); medians of {repeats}. "
           f"CPU per frame: loop {loop_cpu} ms, pipeline {pipe_cpu} ms (2 cores fully used would give "
           f"{2 * loop_cpu / pipe_cpu:.2f}x). Small rounds {SMALL_ROUNDS}: {small} frames/s "
-          f"({small / loop_fps:.2f}x), {small_cpu} ms CPU per frame")
+          f"({small / loop_fps:.2f}x), {small_cpu} ms CPU per frame. The loop keeps {loop_cores} cores busy (PyAV's "
+          f"decode and conversion threads); with one thread it runs {single_fps} frames/s ({single_cpu} ms CPU per "
+          f"frame): the pipeline is {steady / single_fps:.2f}x that")
     return {"loop": loops[0], "pipeline": pipes[0], "loop_fps_runs": [x["fps"] for x in loops],
             "loop_cpu_ms_per_frame_runs": [x["cpu_ms_per_frame"] for x in loops],
             "pipeline_cpu_ms_per_frame_runs": [p["cpu_ms_per_frame"] for p in pipes],
             "two_core_bound_ratio": round(2 * loop_cpu / pipe_cpu, 3),
             "steady_fps_runs": [p["steady_fps"] for p in pipes], "startup_s_runs": [p["startup_s"] for p in pipes],
             "loop_fps_median": loop_fps, "steady_fps_median": steady, "startup_s_median": startup,
-            "ratio": round(ratio, 3),
+            "ratio": round(ratio, 3), "loop_cores_busy_median": loop_cores,
+            "one_thread_loop": {"fps_runs": [x["fps"] for x in singles],
+                                "cpu_ms_per_frame_runs": [x["cpu_ms_per_frame"] for x in singles],
+                                "fps_median": single_fps, "cpu_ms_per_frame_median": single_cpu,
+                                "pipeline_ratio": round(steady / single_fps, 3)},
             "small_rounds": {"engine": SMALL_ROUNDS, "steady_fps_runs": [p["steady_fps"] for p in smalls],
                              "cpu_ms_per_frame_runs": [p["cpu_ms_per_frame"] for p in smalls],
                              "steady_fps_median": small, "cpu_ms_per_frame_median": small_cpu,
