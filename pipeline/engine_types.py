@@ -19,8 +19,9 @@ class EngineConfig:
     executor: ExecutorConfig = ExecutorConfig()
     # Per stream: frames in flight (WAIT) or queued for encoding, and at most `queue_bytes` of their
     # decoded pixels (720p: 32 frames, 1080p: 16, 4K: 4). Deep enough that a round carries 8-16
-    # frames a stage call: with 16 and 4 (the old defaults) Ray's per-call work cost the null-model
-    # pipeline 26.6 ms of CPU per frame, with 32 and 16 20.9 ms (bench/objects_bench.py, ceiling).
+    # frames a stage call: Ray's per-call work is paid per round. With 16 and 4 (the old defaults)
+    # the null-model pipeline took 23.7 ms of CPU per frame, with 32 and 16 20.8 ms, side by side
+    # (bench/results/objects_bench.json, "ceiling"); archives ran 1.05x -> 1.29x a plain loop.
     queue_capacity: int = 32
     queue_bytes: int = 96 << 20
     replay_frames: int = 64           # per stream: frames kept for tracker replay
@@ -31,8 +32,8 @@ class EngineConfig:
     max_active_streams: int = 8       # inputs open at once; an archive of thousands opens them in turn
 
     def __post_init__(self) -> None:
-        require_bounds(self, at_least_one=("queue_capacity", "queue_bytes", "replay_frames", "snapshot_every", "decode_chunk",
-                                           "max_active_streams"),
+        require_bounds(self, at_least_one=("queue_capacity", "queue_bytes", "replay_frames", "snapshot_every",
+                                           "decode_chunk", "max_active_streams"),
                        non_negative=("backward_delay",))
         if self.snapshot_every > self.replay_frames:
             raise ValueError(f"EngineConfig.snapshot_every ({self.snapshot_every}) must not exceed replay_frames "

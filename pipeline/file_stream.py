@@ -81,7 +81,8 @@ class FileStream:
     def __init__(self, stream_id: str, objects: Mapping[int, Mapping[int, Prompt]], *, bidirectional: bool = True,
                  publish_pixels: bool = True,
                  policy: OverflowPolicy = OverflowPolicy.WAIT, queue_capacity: int = 16,
-                 queue_bytes: int | None = None, replay_frames: int = 64, snapshot_every: int = 30, backward_delay: int = 0) -> None:
+                 queue_bytes: int | None = None, replay_frames: int = 64, snapshot_every: int = 30,
+                 backward_delay: int = 0) -> None:
         if snapshot_every > replay_frames:
             raise ValueError(f"snapshot_every ({snapshot_every}) must not exceed replay_frames ({replay_frames})")
         self.stream_id = stream_id
