@@ -193,16 +193,27 @@ def python_stacks(pid: int) -> str:
 
 
 @contextlib.contextmanager
-def local_serve(monkeypatch, proxy_port: int):
-    """A new local Ray session on loopback (start_local_ray) with Serve's proxy on `proxy_port`;
-    Serve and Ray are shut down afterwards."""
+def local_serve(monkeypatch, proxy_port: int | None = None):
+    """A new local Ray session on loopback (start_local_ray) with Serve's proxy on `proxy_port`, or on
+    a port picked once Ray is up (and picked again if something binds it first: Ray's own workers
+    take ephemeral ports, and one took a port chosen before ray.init in a full-suite run). Yields
+    the proxy's port. Serve and Ray are shut down afterwards, also when Serve fails to start, so
+    one failure does not leave a session behind for every later test."""
     import ray
     from ray import serve
 
     start_local_ray(monkeypatch, include_dashboard=False, num_cpus=2, configure_logging=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": proxy_port})
     try:
-        yield
+        for attempt in range(3):
+            port = proxy_port or free_port()
+            try:
+                serve.start(http_options={"host": "127.0.0.1", "port": port})
+                break
+            except Exception as exc:  # noqa: BLE001 - Ray wraps the proxy's bind error in its task error
+                if proxy_port is not None or attempt == 2 or "bind" not in str(exc).lower():
+                    raise
+                serve.shutdown()
+        yield port
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -12,8 +12,7 @@ from tests.serve.conftest import (TOKEN, Client, free_port, is_loopback, listeni
 @pytest.fixture()
 def ray_serve(monkeypatch):
     # No dashboard (its job API has no auth); only this test's local cluster, on loopback.
-    port = free_port()
-    with local_serve(monkeypatch, port):
+    with local_serve(monkeypatch) as port:
         yield port
 
 

@@ -18,8 +18,7 @@ from tests.serve.conftest import TOKEN, Client, free_port, local_serve, wait_for
 def ray_serve(monkeypatch):
     """A new local Ray session on loopback, Serve on a free port. address="local": never join a cluster
     that some other process started with `ray start` on this machine."""
-    port = free_port()
-    with local_serve(monkeypatch, port):
+    with local_serve(monkeypatch) as port:
         yield port
 
 
@@ -30,13 +29,14 @@ def api_port(request, monkeypatch):
     environment the new Ray session inherits, and restored afterwards."""
     from masklet.deploy.serve_ingress import direct_ingress_env
 
-    port = free_port()
-    proxy_port = port
-    if request.param == "direct":
-        for key, value in direct_ingress_env(port).items():
-            monkeypatch.setenv(key, value)
-        proxy_port = free_port()
-    with local_serve(monkeypatch, proxy_port):
+    if request.param == "proxy":
+        with local_serve(monkeypatch) as port:
+            yield port
+        return
+    port = free_port()  # the replica's own port, read from the environment when Ray starts
+    for key, value in direct_ingress_env(port).items():
+        monkeypatch.setenv(key, value)
+    with local_serve(monkeypatch):
         yield port
 
 
