@@ -5,7 +5,7 @@ import ctypes
 import functools
 import os
 import sys
-from typing import Callable, Optional
+from typing import Optional
 
 # Passive OpenMP waits in every stage process: an encoder spinning at its barriers while trackers
 # and publishers need the cores wastes CPU. libgomp reads this when torch loads it, and actor
@@ -23,10 +23,12 @@ def limit_threads(num_threads: int | None) -> None:
 
 
 @functools.lru_cache(maxsize=1)
-def _malloc_trim() -> Optional[Callable[[int], int]]:
+def _glibc() -> Optional[ctypes.CDLL]:
+    """glibc, for its allocator's knobs (`malloc_trim`, `mallopt`); None elsewhere."""
     try:
-        return ctypes.CDLL("libc.so.6").malloc_trim  # glibc only
-    except (OSError, AttributeError):
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") and hasattr(libc, "mallopt") else None
+    except OSError:
         return None
 
 
@@ -39,9 +41,9 @@ def release_free_memory() -> None:
     8 objects per pass, 6 MB at one per pass; trimming after each call left none, at no measurable
     CPU cost (17.4-18.5 s against 17.5 s). A fixed 1 MB mmap threshold also bounds it but cost 60%
     more CPU (page faults on every large tensor)."""
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
@@ -55,11 +57,10 @@ def keep_freed_memory(mmap_threshold: int = 64 << 20, trim_threshold: int = 256 
     frame faults every page in again. Page faults are expensive on VMs: on this project's 2-core
     machine a fresh 2.7 MB buffer took 3.2 ms to fill against 0.12 ms for a reused one. The
     opposite of `release_free_memory`, which trackers use for their one-off large activations."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):
+    libc = _glibc()
+    if libc is None:
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
+    return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, trim_threshold))
 
 
 def usable_cores() -> int:

@@ -141,12 +141,14 @@ def _display_matrix(frame: av.VideoFrame) -> Optional[np.ndarray]:
 _decode_threads: Optional[int] = None
 
 
-def set_decode_threads(num_threads: Optional[int]) -> None:
-    """Decode videos opened from now on in this process with at most `num_threads` threads."""
+def set_decode_threads(num_threads: Optional[int]) -> Optional[int]:
+    """Decode videos opened from now on in this process with at most `num_threads` threads; returns
+    the previous setting (to restore it)."""
     global _decode_threads
     if num_threads is not None and num_threads < 1:
         raise ValueError(f"decode threads must be at least 1, got {num_threads}")
-    _decode_threads = num_threads
+    previous, _decode_threads = _decode_threads, num_threads
+    return previous
 
 
 class FrameSource:
@@ -224,6 +226,7 @@ class VideoSource(FrameSource):
             # faulted in, then unmapped) per frame, ~1-2 ms of a 720p frame's ~5 ms on 2 cores.
             # The pixels are the same (checked against to_ndarray on the shared clips).
             self._rgb = VideoReformatter()
+            self._rgb_threads = _decode_threads or 0  # 0: swscale's own choice
             self._decoder = self._decode()
             # Decoding the first frame up front proves the input is a video and gives display size.
             self._pending_first = next(self._decoder, None)
@@ -280,7 +283,7 @@ class VideoSource(FrameSource):
                     pts = (last_pts + step) if last_pts is not None else 0.0
                 last_pts = pts
                 rotation = int(frame.rotation or 0)
-                converted = self._rgb.reformat(frame, format="rgb24", threads=_decode_threads or 0)
+                converted = self._rgb.reformat(frame, format="rgb24", threads=self._rgb_threads)
                 rgb = _display_transform(converted.to_ndarray(), rotation, _display_matrix(frame))
                 yield DecodedFrame(
                     frame_idx=frame_idx,

@@ -41,6 +41,14 @@ def machine() -> dict:
     return info
 
 
+def percentile_ms(values: list[float], q: float) -> float | None:
+    """The `q` quantile (nearest rank, 1.0 = the worst) of durations in seconds, in ms; None for none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
+
+
 def process_cpu(pid: int) -> tuple[float, str] | None:
     """(user + system CPU seconds, command name) of process `pid` from /proc; None once it exited."""
     try:

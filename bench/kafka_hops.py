@@ -27,7 +27,7 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import kafka_bench as kb  # noqa: E402
-from bench_common import cpu_by_process, machine  # noqa: E402
+from bench_common import cpu_by_process, machine, percentile_ms  # noqa: E402
 from masklet.actors.sources import open_source  # noqa: E402
 from masklet.pipeline.config import KafkaSettings, KafkaTopics  # noqa: E402
 from masklet.pipeline.kafka.broker import EmbeddedBroker  # noqa: E402
@@ -40,11 +40,6 @@ def cpu_used(before: dict, after: dict) -> dict[str, float]:
     for pid, (seconds, name) in after.items():
         used[name] = used.get(name, 0.0) + seconds - before.get(pid, (0.0, ""))[0]
     return {name: round(s, 2) for name, s in sorted(used.items(), key=lambda kv: -kv[1]) if s >= 0.05}
-
-
-def ms(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
 
 
 def in_process(jpegs: list, fps: float) -> dict:
@@ -79,7 +74,7 @@ def in_process(jpegs: list, fps: float) -> dict:
         time.sleep(0.02)
     session.shutdown()
     timed = [latency[i] for i in range(1, len(jpegs)) if i in latency]
-    return {"frames": len(timed), "submit_to_output_p50_ms": ms(timed, 0.5), "submit_to_output_p99_ms": ms(timed, 0.99)}
+    return {"frames": len(timed), "submit_to_output_p50_ms": percentile_ms(timed, 0.5), "submit_to_output_p99_ms": percentile_ms(timed, 0.99)}
 
 
 def through_kafka(broker: EmbeddedBroker, frames: int, fps: float, trial: int) -> dict:
@@ -115,9 +110,9 @@ def through_kafka(broker: EmbeddedBroker, frames: int, fps: float, trial: int) -
             "submit_to_publish": [published[k] - submitted[k] for k in keys],
             "publish_to_arrival": [raw["arrived"][k] - published[k] for k in keys]}
     return {"frames": len(keys), "dropped": raw["dropped"],
-            **{f"{hop}_{q}_ms": ms(values, p) for hop, values in hops.items() for q, p in (("p50", 0.5), ("p99", 0.99))},
-            "send_to_submit_max_ms": ms(hops["send_to_submit"], 1.0),
-            "publish_to_arrival_max_ms": ms(hops["publish_to_arrival"], 1.0)}
+            **{f"{hop}_{q}_ms": percentile_ms(values, p) for hop, values in hops.items() for q, p in (("p50", 0.5), ("p99", 0.99))},
+            "send_to_submit_max_ms": percentile_ms(hops["send_to_submit"], 1.0),
+            "publish_to_arrival_max_ms": percentile_ms(hops["publish_to_arrival"], 1.0)}
 
 
 def main() -> int:

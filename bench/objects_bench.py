@@ -75,9 +75,8 @@ def least_work_loop(paths, n_objects: int, frames: int, threads: int | None = No
     decode and RGB-conversion threads (None: its default, as many as there are cores)."""
     from pycocotools import mask as coco
 
-    from masklet.actors import sources
-
     from masklet.actors.masks import upsample_logits
+    from masklet.actors.sources import set_decode_threads
     from masklet.model.null_model import NullModel
 
     model = NullModel(image_size=NULL.image_size)
@@ -87,23 +86,24 @@ def least_work_loop(paths, n_objects: int, frames: int, threads: int | None = No
         low = t.step(0, None, Prompt(points=[[x, y]], labels=[1])).low_res_logits[0].numpy()
         masks.append(upsample_logits(low, (720, 1280)) > 0)
     own_cpu = lambda: sum(os.times()[:2])  # noqa: E731 - the loop is this one process (its decode threads included)
-    saved = sources._decode_threads
-    sources.set_decode_threads(threads)
-    start, count, cpu_start = time.perf_counter(), 0, own_cpu()
-    for path in paths:
-        with open_source(str(path), max_frames=frames) as source:
-            for frame in source.frames():
-                objects = []
-                for oid, mask in enumerate(masks, 1):
-                    rle = coco.encode(np.asfortranarray(mask.astype(np.uint8)))
-                    bbox = [int(v) for v in coco.toBbox(rle)]
-                    objects.append({"object_id": oid, "rle": {"size": [720, 1280], "counts": rle["counts"].decode()},
-                                    "bbox": bbox, "area": int(coco.area(rle)), "score": 1.0, "iou": 0.9})
-                json.dumps({"stream_id": path.stem, "frame_idx": frame.frame_idx, "objects": objects}).encode()
-                count += 1
-    wall = time.perf_counter() - start
-    cpu_ms = (own_cpu() - cpu_start) * 1000 / count
-    sources.set_decode_threads(saved)
+    saved = set_decode_threads(threads)
+    try:
+        start, count, cpu_start = time.perf_counter(), 0, own_cpu()
+        for path in paths:
+            with open_source(str(path), max_frames=frames) as source:
+                for frame in source.frames():
+                    objects = []
+                    for oid, mask in enumerate(masks, 1):
+                        rle = coco.encode(np.asfortranarray(mask.astype(np.uint8)))
+                        bbox = [int(v) for v in coco.toBbox(rle)]
+                        objects.append({"object_id": oid, "rle": {"size": [720, 1280], "counts": rle["counts"].decode()},
+                                        "bbox": bbox, "area": int(coco.area(rle)), "score": 1.0, "iou": 0.9})
+                    json.dumps({"stream_id": path.stem, "frame_idx": frame.frame_idx, "objects": objects}).encode()
+                    count += 1
+        wall = time.perf_counter() - start
+        cpu_ms = (own_cpu() - cpu_start) * 1000 / count
+    finally:
+        set_decode_threads(saved)
     return {"frames": count, "wall_s": round(wall, 2), "fps": round(count / wall, 2), "cpu_ms_per_frame": round(cpu_ms, 2),
             "cores_busy": round(cpu_ms * count / 1000 / wall, 2)}
 

@@ -29,6 +29,8 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
+from bench_common import machine, percentile_ms  # noqa: E402
+
 TOKEN = "bench-token-0123456789"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
 REQUESTS, CONCURRENCY = 2000, 200
@@ -41,13 +43,6 @@ def _probe(url: str, path: str = "/health/live") -> tuple[object, float]:
     except requests.RequestException as exc:
         code = type(exc).__name__
     return code, time.monotonic() - started
-
-
-def _ms(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000, 1)
 
 
 def busy_cores(window_s: float = 2.0) -> float:
@@ -91,9 +86,9 @@ def flood(port: int, health_port: int, path: str) -> dict:
     # latency is concurrency / throughput, whatever each request costs the app
     result.update({"throughput_rps": round(REQUESTS / result["wall_s"], 1),
                    "littles_law_latency_ms": round(CONCURRENCY / (REQUESTS / result["wall_s"]) * 1000, 1),
-                   "health_listener_p50_ms": _ms(ok(listener), 0.5), "health_listener_max_ms": _ms(ok(listener), 1.0),
+                   "health_listener_p50_ms": percentile_ms(ok(listener), 0.5), "health_listener_max_ms": percentile_ms(ok(listener), 1.0),
                    "health_listener_codes": sorted({str(code) for code, _ in listener}),
-                   "health_via_api_port_p50_ms": _ms(ok(api), 0.5), "health_via_api_port_max_ms": _ms(ok(api), 1.0),
+                   "health_via_api_port_p50_ms": percentile_ms(ok(api), 0.5), "health_via_api_port_max_ms": percentile_ms(ok(api), 1.0),
                    "health_via_api_port_codes": sorted({str(code) for code, _ in api}), "probes": len(listener)})
     return result
 
@@ -136,7 +131,6 @@ def serve_session(ingress: str, scratch: Path) -> list[dict]:
 
 
 def main() -> int:
-    from bench_common import machine
     from masklet.deploy.api_limits import deployment_limits
     from masklet.pipeline.config import LimitsSettings
 
