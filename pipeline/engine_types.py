@@ -19,9 +19,10 @@ class EngineConfig:
     executor: ExecutorConfig = ExecutorConfig()
     # Per stream: frames in flight (WAIT) or queued for encoding, and at most `queue_bytes` of their
     # decoded pixels (720p: 32 frames, 1080p: 16, 4K: 4). Deep enough that a round carries 8-16
-    # frames a stage call: Ray's per-call work is paid per round. With 16 and 4 (the old defaults)
-    # the null-model pipeline took 23.7 ms of CPU per frame, with 32 and 16 20.8 ms, side by side
-    # (bench/results/objects_bench.json, "ceiling"); archives ran 1.05x -> 1.29x a plain loop.
+    # frames a stage call: Ray's per-call work is paid per round. Side by side in the ceiling
+    # benchmark (bench/results/objects_bench.json, "small_rounds"), the null-model pipeline took 20.8
+    # against 23.7 ms of CPU per frame with 16 and 4 (the old defaults) in one run, 23.5 against 23.0
+    # in the next: the gain is within this VM's noise there. Archives ran 1.05x -> 1.29x a plain loop.
     queue_capacity: int = 32
     queue_bytes: int = 96 << 20
     replay_frames: int = 64           # per stream: frames kept for tracker replay
