@@ -1,9 +1,11 @@
 """Decoder actors: one process decodes for several streams (files, URLs, image folders, live JPEGs).
 
-Frames never pass through the driver. `read` returns 1 + n values: a small tuple of
-`(frame_idx, pts)` the scheduler reads, then each frame's pixels as its own object (Ray stores
-them once; the encoder and the publisher read them by reference). Objects returned from a call are
-owned by the caller, so they outlive this actor.
+Frames never pass through the driver. `read` returns two values: a small tuple of
+`(frame_idx, pts)` the scheduler reads, then the frames' pixels packed in one tuple (Ray stores it
+once; the encoder and the publisher read each frame by reference, as `PackedResult(pack, i)`). One
+object per read rather than one per frame: each object costs the raylet, this process and every
+reader work of their own. Objects returned from a call are owned by the caller, so they outlive
+this actor.
 
 A source is opened in `open()` rather than in a constructor so a bad input comes back as a failed
 call carrying the source's one-line reason. A `SourceError` travels as itself (it pickles, so Ray
@@ -66,9 +68,8 @@ class DecoderActor:
                           getattr(source, "fps", None), getattr(source, "frame_count", None),
                           bool(getattr(source, "is_live", False)))
 
-    def read(self, stream_id: str, max_frames: int) -> tuple:
-        """(((frame_idx, pts), ...), rgb_0, ..., rgb_{max_frames-1}); fewer frames pad with None, and
-        an empty first value means the input has ended."""
+    def read(self, stream_id: str, max_frames: int) -> tuple[tuple, tuple]:
+        """(((frame_idx, pts), ...), (rgb, ...)): up to `max_frames` frames; none means the input has ended."""
         opened = self.streams.get(stream_id)
         metas: list[tuple[int, float]] = []
         pixels: list[Any] = []
@@ -88,7 +89,7 @@ class DecoderActor:
             self.stats.observe("masklet_stage_latency_seconds", time.perf_counter() - start, stage="decode")
             metas.append((int(frame.frame_idx), float(frame.pts)))
             pixels.append(frame.rgb)
-        return (tuple(metas), *pixels, *([None] * (max_frames - len(pixels))))
+        return tuple(metas), tuple(pixels)
 
     def close(self, stream_id: str) -> None:
         opened = self.streams.pop(stream_id, None)

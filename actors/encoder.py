@@ -1,8 +1,9 @@
 """The encoder actor: one model copy, one forward pass per batch of frames from any streams.
 
-`encode(*frames)` returns 1 + len(frames) values: a tuple with one status per frame (None, or why
-it has no embedding), then each frame's embedding as its own object, so every tracker of that
-frame's stream reads the one copy by reference. A `FrameFailure` in (a live frame that did not
+`encode(picks, *values)` takes its frames as `Pick`s over its arguments (`ArgLayout`: a decoder
+read's pack is one argument for all of its frames) and returns 1 + len(picks) values: a tuple with
+one status per frame (None, or why it has no embedding), then each frame's embedding as its own
+object, so every tracker of that frame's stream reads the one copy by reference. A `FrameFailure` in (a live frame that did not
 decode) passes through as its own status and value, and the other frames of the batch are encoded.
 """
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from masklet.actors.payloads import EmbeddingPayload, FrameFailure, ModelSpec
+from masklet.actors.payloads import EmbeddingPayload, FrameFailure, ModelSpec, Pick, picked
 from masklet.actors.runtime import actor_pid, in_actor_process, limit_threads, usable_cores
 from masklet.monitoring.stats import Stats
 
@@ -39,8 +40,9 @@ class EncoderActor:
         self.batch_sizes: Counter[int] = Counter()
 
     @torch.inference_mode()
-    def encode(self, *frames: Any) -> tuple:
+    def encode(self, picks: tuple[Pick, ...], *values: Any) -> tuple:
         start = time.perf_counter()
+        frames = [picked(p, values) for p in picks]
         good = [i for i, f in enumerate(frames) if not isinstance(f, FrameFailure)]
         statuses: list[Any] = [f.reason if isinstance(f, FrameFailure) else None for f in frames]
         values: list[Any] = list(frames)

@@ -192,11 +192,48 @@ class ObjectResult:
 
 @dataclass(frozen=True)
 class PackedResult:
-    """One object's result inside a tracker call's packed results (`actors.tracker.return_layout`):
-    `ref` is that call's (future) tuple of results, `index` this result's place in it."""
+    """One value inside a call's packed tuple of values: a tracker call's results
+    (`actors.tracker.return_layout`) or a decoder read's frames. `ref` is that call's (future)
+    tuple, `index` this value's place in it. One Ray object per call instead of one per value: each
+    object costs the raylet, its owner and its reader work of their own (measured: 16 frames of a
+    read as 16 objects took 3.4-3.7 ms of CPU per frame, as one tuple 1.6-2.9)."""
 
     ref: Any
     index: int
+
+
+Pick = tuple[int, Optional[int]]   # (argument slot, index inside a packed tuple or None)
+
+
+class ArgLayout:
+    """A call's top-level arguments, each distinct value once: a packed tuple (shared by all of its
+    values), a lone value. Ray resolves references only at the top level, so a packed value travels
+    as its tuple's slot plus its index (a `Pick`), and the callee picks it with `picked`."""
+
+    def __init__(self) -> None:
+        self.values: list[Any] = []
+        self._slot: dict[int, int] = {}
+
+    def slot(self, value: Any) -> int:
+        key = id(value)
+        if key not in self._slot:
+            self._slot[key] = len(self.values)
+            self.values.append(value)
+        return self._slot[key]
+
+    def pick(self, value: Any) -> Pick:
+        if isinstance(value, PackedResult):
+            return self.slot(value.ref), value.index
+        return self.slot(value), None
+
+    def picks(self, values: Any) -> tuple[Pick, ...]:
+        return tuple(self.pick(v) for v in values)
+
+
+def picked(pick: Pick, values: Any) -> Any:
+    """The value a `Pick` names among a call's resolved arguments."""
+    slot, index = pick
+    return values[slot] if index is None else values[slot][index]
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 
 from masklet.actors.masks import MaskSummary, summarize_mask, upsample_logits
 from masklet.actors.messages import CocoRle, MaskletRecord, ObjectMask
-from masklet.actors.payloads import FrameMeta, ObjectResult, PackedResult, StreamInfo
+from masklet.actors.payloads import ArgLayout, FrameMeta, ObjectResult, Pick, StreamInfo, picked
 from masklet.actors.runtime import actor_pid, limit_threads, node_id
 from masklet.actors.sinks import FrameOutput
 from masklet.monitoring.stats import Stats
@@ -87,14 +87,15 @@ class PublisherActor:
                 errors.append(str(error))
         return tuple(errors)
 
-    def publish_frames(self, frames: tuple[tuple[FrameMeta, Optional[int], tuple], ...],
+    def publish_frames(self, frames: tuple[tuple[FrameMeta, Optional[Pick], tuple[Pick, ...]], ...],
                        *values: Any) -> tuple[PublishAck, ...]:
         """Publish several frames, in order, in one call: the frames a round completed. Each is
-        (meta, rgb slot or None, picks) over `values` (`publish_frames_args` lays them out); a
-        tracker call's pack is passed once for all the frames it holds results of. One call per
-        frame cost the driver and raylet more than the publishing itself (measured: 1 of 1.85
-        actor calls per frame were publishes, 2 streams x 8 objects, null model)."""
-        return tuple(self._publish(meta, None if rgb is None else values[rgb], _picked(picks, values))
+        (meta, rgb pick or None, result picks) over `values` (`publish_frames_args` lays them out); a
+        tracker call's pack, or a decoder read's, is passed once for all the frames it holds values
+        of. One call per frame cost the driver and raylet more than the publishing itself (measured:
+        1 of 1.85 actor calls per frame were publishes, 2 streams x 8 objects, null model)."""
+        return tuple(self._publish(meta, None if rgb is None else picked(rgb, values),
+                                   tuple(picked(p, values) for p in picks))
                      for meta, rgb, picks in frames)
 
     def _publish(self, meta: FrameMeta, rgb: Optional[np.ndarray], results: tuple) -> PublishAck:
@@ -156,33 +157,9 @@ def _call(sink: Any, method: str, *args: Any) -> Any:
         return f"{getattr(sink, 'name', type(sink).__name__)}: {type(exc).__name__}: {exc}"
 
 
-def _picked(picks: tuple, values: Sequence[Any]) -> tuple:
-    return tuple(values[p] if i is None else values[p][i] for p, i in picks)
-
-
-class _Layout:
-    """Top-level call arguments, each distinct value once: a tracker call's pack (shared by all its
-    results), a lone result, or a frame's pixels. Top-level, so Ray resolves references."""
-
-    def __init__(self) -> None:
-        self.values: list[Any] = []
-        self._slot: dict[int, int] = {}
-
-    def slot(self, value: Any) -> int:
-        key = id(value)
-        if key not in self._slot:
-            self._slot[key] = len(self.values)
-            self.values.append(value)
-        return self._slot[key]
-
-    def picks(self, results: Sequence[Any]) -> tuple[tuple[int, Optional[int]], ...]:
-        return tuple((self.slot(r.ref), r.index) if isinstance(r, PackedResult) else (self.slot(r), None)
-                     for r in results)
-
-
 def publish_frames_args(frames: Sequence[tuple[FrameMeta, Any, Sequence[Any]]]) -> tuple[tuple, list[Any]]:
     """(frames, values) for `PublisherActor.publish_frames` from (meta, rgb or None, results) per frame."""
-    layout = _Layout()
-    laid = tuple((meta, None if rgb is None else layout.slot(rgb), layout.picks(results))
+    layout = ArgLayout()
+    laid = tuple((meta, None if rgb is None else layout.pick(rgb), layout.picks(results))
                  for meta, rgb, results in frames)
     return laid, layout.values

@@ -20,18 +20,18 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from masklet.actors.payloads import ModelSpec
+from masklet.actors.payloads import ModelSpec, Pick, picked
 from masklet.actors.runtime import in_actor_process, usable_cores
 from masklet.actors.tracker import RefineObject, StepObject, TrackerActor, TrackerOp
 
 
 @dataclass(frozen=True)
 class FrameKey:
-    """Stands for a frame's embedding inside a shard: `pixels` indexes the call's refs."""
+    """Stands for a frame's embedding inside a shard: `pixels` picks its frame among the call's refs."""
 
     stream_id: str
     frame_idx: int
-    pixels: int
+    pixels: Pick
 
 
 class ShardActor(TrackerActor):
@@ -62,7 +62,7 @@ class ShardActor(TrackerActor):
         for start in range(0, len(todo), self.max_batch_size):
             chunk = todo[start:start + self.max_batch_size]
             began = time.perf_counter()
-            embeddings = self._encode([refs[k.pixels] for k in chunk])
+            embeddings = self._encode([picked(k.pixels, refs) for k in chunk])
             elapsed = time.perf_counter() - began
             self.encoder_batch_sizes[len(chunk)] = self.encoder_batch_sizes.get(len(chunk), 0) + 1
             self.stats.observe("masklet_encoder_batch_size", len(chunk))

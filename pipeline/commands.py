@@ -147,7 +147,7 @@ class SourceOpened:
 class FrameRef:
     frame_idx: int
     pts: float
-    rgb: Any                                 # reference to the pixels
+    rgb: Any                                 # the pixels: PackedResult(read pack, i)
 
 
 @dataclass(frozen=True)

@@ -101,7 +101,8 @@ class PipelineSettings(_Section):
     # AUTO: WAIT for files/archives (never drop), DROP_OLDEST for live sources (count drops).
     queue_policy: Literal["AUTO", "WAIT", "DROP_OLDEST"] = "AUTO"
     queue_capacity: int = Field(32, ge=1, le=100_000, description=(
-        "files: frames in flight per stream, also capped at 96 MiB of decoded pixels (720p 32, 4K 4); "
+        "files: frames in flight per stream, also capped so that at most 128 MiB of decoded pixels are held "
+        "(720p 32, 1080p 11, 4K 3); "
         "live streams take theirs from `masklet run --queue-capacity`"))
     snapshot_every_n_frames: int = Field(30, ge=1)
     replay_buffer_frames: int = Field(64, ge=1, description="per-stream frames kept for tracker replay")

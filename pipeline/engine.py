@@ -96,7 +96,7 @@ class Engine:
         cfg = self.config
         ctrl = FileStream(spec.stream_id, spec.objects, bidirectional=spec.bidirectional, policy=spec.policy,
                           publish_pixels=getattr(spec.sink_factory, "needs_pixels", True),
-                          queue_capacity=cfg.queue_capacity, queue_bytes=cfg.queue_bytes,
+                          queue_capacity=cfg.queue_capacity, queue_bytes=cfg.queue_bytes, read_chunk=cfg.decode_chunk,
                           replay_frames=cfg.replay_frames, snapshot_every=cfg.snapshot_every,
                           backward_delay=cfg.backward_delay)
         self.streams[spec.stream_id] = _Stream(spec, ctrl, StreamOutcome(spec.stream_id, objects=len(ctrl.objects),

@@ -17,14 +17,16 @@ class EngineConfig:
     """The offline (file) scheduler's settings; `executor` holds what both schedulers share."""
 
     executor: ExecutorConfig = ExecutorConfig()
-    # Per stream: frames in flight (WAIT) or queued for encoding, and at most `queue_bytes` of their
-    # decoded pixels (720p: 32 frames, 1080p: 16, 4K: 4). Deep enough that a round carries 8-16
-    # frames a stage call: Ray's per-call work is paid per round. Side by side in the ceiling
-    # benchmark (bench/results/objects_bench.json, "small_rounds"), the null-model pipeline took 20.8
-    # against 23.7 ms of CPU per frame with 16 and 4 (the old defaults) in one run, 23.5 against 23.0
-    # in the next: the gain is within this VM's noise there. Archives ran 1.05x -> 1.29x a plain loop.
+    # Per stream: frames in flight (WAIT) or queued for encoding, and at most `queue_bytes` of
+    # decoded pixels held. A decoder read's frames are one object, freed with its last frame, so the
+    # budget counts a read's tail too (file_stream.frames_within; 720p: 32 frames in flight, 1080p:
+    # 11, 4K: 3). Deep enough that a round carries 8-16 frames a stage call: Ray's per-call work is
+    # paid per round. Side by side in the ceiling benchmark (bench/results/objects_bench.json,
+    # "small_rounds"), the null-model pipeline took 20.8 against 23.7 ms of CPU per frame with 16 and
+    # 4 (the old defaults) in one run, 23.5 against 23.0 in the next: the gain is within this VM's
+    # noise there. Archives ran 1.05x -> 1.29x a plain loop.
     queue_capacity: int = 32
-    queue_bytes: int = 96 << 20
+    queue_bytes: int = 128 << 20
     replay_frames: int = 64           # per stream: frames kept for tracker replay
     snapshot_every: int = 30          # tracker snapshot interval, in steps (<= replay_frames)
     backward_delay: int = 0           # see FileStream; the real model needs max_obj_ptrs - 1

@@ -30,7 +30,7 @@ from masklet.actors import tracker as tk
 from masklet.actors.backend import ActorCallError, ActorDiedError, ActorHandle, ActorOptions, Backend
 from masklet.actors.decoder import DecoderActor
 from masklet.actors.encoder import EncoderActor
-from masklet.actors.payloads import ModelSpec, PackedResult
+from masklet.actors.payloads import ArgLayout, ModelSpec, PackedResult
 from masklet.actors.publisher import PublisherActor, publish_frames_args
 from masklet.actors.shard import FrameKey, ShardActor
 from masklet.actors.tracker import ObjectKey, TrackerActor
@@ -180,9 +180,8 @@ class Executor:
         elif isinstance(cmd, c.ReadFrames):
             actor = self.decoders.actor_of(cmd.stream_id)
             if actor is not None:
-                out = self._call("read", actor, "read", cmd.stream_id, cmd.max_frames, payload=cmd,
-                                 num_returns=cmd.max_frames + 1)
-                self._pending[out[0]].payload = (cmd, out[1:])
+                out = self._call("read", actor, "read", cmd.stream_id, cmd.max_frames, payload=cmd, num_returns=2)
+                self._pending[out[0]].payload = (cmd, out[1])
         elif isinstance(cmd, c.CloseSource):
             actor = self.decoders.actor_of(cmd.stream_id)
             if actor is not None:
@@ -236,7 +235,9 @@ class Executor:
         def ref(value: Any) -> int:
             if id(value) not in index:  # one argument per distinct embedding/snapshot
                 if isinstance(value, c.DeferredEmbedding):  # its pixels travel as their own argument
-                    key = FrameKey(value.stream_id, value.frame_idx, ref(value.rgb))
+                    rgb = value.rgb
+                    pixels = (ref(rgb.ref), rgb.index) if isinstance(rgb, PackedResult) else (ref(rgb), None)
+                    key = FrameKey(value.stream_id, value.frame_idx, pixels)
                     index[id(value)] = len(refs)
                     refs.append(key)
                 else:
@@ -298,8 +299,9 @@ class Executor:
             for sid, j, _ in jobs:
                 queued = self._enqueued.pop((sid, j), now)
                 self.stats.observe("masklet_stage_latency_seconds", now - queued, stage="queue")
-            out = self._call("encode", self.encoder, "encode", *[rgb for _, _, rgb in jobs],
-                             num_returns=len(jobs) + 1)
+            layout = ArgLayout()  # a decoder read's pack is one argument for all of its frames
+            picks = layout.picks([rgb for _, _, rgb in jobs])
+            out = self._call("encode", self.encoder, "encode", picks, *layout.values, num_returns=len(jobs) + 1)
             self._pending[out[0]].payload = (jobs, out[1:])
             self._encoding.append((self.encoder.generation, jobs, out[0]))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from masklet.actors.backend import ActorCallError, ActorDiedError
+from masklet.actors.payloads import PackedResult
 from masklet.pipeline import commands as c
 
 if TYPE_CHECKING:
@@ -34,8 +35,8 @@ def _open_source(ex: "Executor", call: "_Call", info: Any, out: list) -> None:
 
 
 def _read(ex: "Executor", call: "_Call", metas: Any, out: list) -> None:
-    cmd, pixels = call.payload
-    frames = tuple(c.FrameRef(j, pts, pixels[i]) for i, (j, pts) in enumerate(metas))
+    cmd, pack = call.payload  # the read's frames, packed in one object: each frame is (pack, i)
+    frames = tuple(c.FrameRef(j, pts, PackedResult(pack, i)) for i, (j, pts) in enumerate(metas))
     out.append(c.FramesRead(cmd.stream_id, frames))
 
 

@@ -77,12 +77,24 @@ class ObjectState:
         return min(self.prompts)
 
 
+def frames_within(budget: int, capacity: int, read_chunk: int) -> int:
+    """The most frames in flight that keep a stream's decoded pixels within `budget` frames.
+
+    A decoder read's frames are one object (actors.decoder), freed when its last frame is done;
+    reads are in order, so every live read but the oldest is wholly in flight, and the pixels held
+    are at most capacity + chunk - 1 frames, where chunk = min(read_chunk, capacity). Never fewer
+    than two frames in flight, so reading overlaps encoding."""
+    if budget - read_chunk + 1 >= read_chunk:                 # room for whole reads of read_chunk
+        return max(2, min(capacity, budget - read_chunk + 1))
+    return max(2, min(capacity, (budget + 1) // 2))            # reads shrink to the capacity itself
+
+
 class FileStream:
     def __init__(self, stream_id: str, objects: Mapping[int, Mapping[int, Prompt]], *, bidirectional: bool = True,
                  publish_pixels: bool = True,
                  policy: OverflowPolicy = OverflowPolicy.WAIT, queue_capacity: int = 16,
-                 queue_bytes: int | None = None, replay_frames: int = 64, snapshot_every: int = 30,
-                 backward_delay: int = 0) -> None:
+                 queue_bytes: int | None = None, read_chunk: int = 1, replay_frames: int = 64,
+                 snapshot_every: int = 30, backward_delay: int = 0) -> None:
         if snapshot_every > replay_frames:
             raise ValueError(f"snapshot_every ({snapshot_every}) must not exceed replay_frames ({replay_frames})")
         self.stream_id = stream_id
@@ -94,6 +106,7 @@ class FileStream:
         self.policy = OverflowPolicy(policy)
         self.queue_capacity = queue_capacity
         self.queue_bytes = queue_bytes  # caps queue_capacity once the frame size is known
+        self.read_chunk = read_chunk    # frames per decoder read (their pixels are freed together)
         self.replay_frames = replay_frames
         self.snapshot_every = snapshot_every
         self.backward_delay = backward_delay
@@ -112,8 +125,9 @@ class FileStream:
 
     def set_video_size(self, width: int, height: int) -> None:
         self.video_size = (height, width)
-        if self.queue_bytes is not None:  # RGB24 pixels; two frames at least, so reading overlaps encoding
-            self.queue_capacity = max(2, min(self.queue_capacity, self.queue_bytes // max(1, 3 * width * height)))
+        if self.queue_bytes is not None:
+            self.queue_capacity = frames_within(self.queue_bytes // max(1, 3 * width * height),  # RGB24
+                                                self.queue_capacity, self.read_chunk)
         for obj in self.objects.values():
             for frame_idx, prompt in obj.prompts.items():
                 try:

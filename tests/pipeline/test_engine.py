@@ -213,19 +213,25 @@ def test_engine_config_rejects_bad_values_naming_the_field(overrides, field):
 
 
 def test_frames_in_flight_are_bounded_in_bytes_too():
-    """queue_bytes caps a stream's frames in flight by their decoded size: 720p keeps the frame count,
-    4K gets a few frames, never fewer than two (reading overlaps encoding)."""
+    """queue_bytes caps a stream's decoded pixels: a read's frames are one object, freed with its last
+    frame, so frames in flight plus a read's tail fit the budget. 720p keeps the frame count, 4K gets
+    a few frames, never fewer than two in flight (reading overlaps encoding)."""
     from masklet.pipeline.file_stream import FileStream
 
-    def capacity(width, height, budget=96 << 20):
-        stream = FileStream("s", {}, queue_capacity=32, queue_bytes=budget)
+    def capacity(width, height, budget=128 << 20, read_chunk=16):
+        stream = FileStream("s", {}, queue_capacity=32, queue_bytes=budget, read_chunk=read_chunk)
         stream.set_video_size(width, height)
+        held = stream.queue_capacity + min(read_chunk, stream.queue_capacity) - 1  # the worst case
+        assert held * 3 * width * height <= max(budget, 3 * 3 * width * height), (width, height, held)
         return stream.queue_capacity, stream.room()
 
     assert capacity(1280, 720) == (32, 32)
-    assert capacity(1920, 1080) == (16, 16)
-    assert capacity(3840, 2160) == (4, 4)
+    assert capacity(1920, 1080) == (11, 11)
+    assert capacity(3840, 2160) == (3, 3)
     assert capacity(7680, 4320, budget=1 << 20) == (2, 2)
+    assert capacity(1920, 1080, read_chunk=1) == (21, 21)  # one frame per read: frames alone fill it
+    for side in range(64, 4096, 97):  # every size keeps the bound
+        capacity(side, side * 9 // 16 or 1)
     unbounded = FileStream("s", {}, queue_capacity=32)
     unbounded.set_video_size(3840, 2160)
     assert unbounded.queue_capacity == 32

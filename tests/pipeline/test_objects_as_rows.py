@@ -226,10 +226,37 @@ def test_a_tracker_call_returns_its_step_results_as_one_pack_and_snapshots_apart
     assert actor.run([tk.CloseObject(b)]) == (tk.OpStatus(),)
     # One publish call takes each pack once, however many of its results its frames need; pixels too.
     m0, m1 = FrameMeta("s", 0, 0.0, 64, 48), FrameMeta("s", 1, 0.0, 64, 48)
+    m2 = FrameMeta("s", 2, 0.0, 64, 48)
+    read = ("rgb2", "rgb3")  # a decoder read's frames come packed too: one argument for all of them
     frames, values = publish_frames_args([(m0, None, [PackedResult("pack", 1), PackedResult("pack", 0), pack[0]]),
-                                          (m1, "rgb1", [PackedResult("pack2", 0), PackedResult("pack", 1)])])
-    assert values == ["pack", pack[0], "rgb1", "pack2"]
-    assert frames == ((m0, None, ((0, 1), (0, 0), (1, None))), (m1, 2, ((3, 0), (0, 1))))
+                                          (m1, "rgb1", [PackedResult("pack2", 0), PackedResult("pack", 1)]),
+                                          (m2, PackedResult(read, 1), [PackedResult("pack", 0)])])
+    assert values == ["pack", pack[0], "rgb1", "pack2", read]
+    assert frames == ((m0, None, ((0, 1), (0, 0), (1, None))), (m1, (2, None), ((3, 0), (0, 1))),
+                      (m2, (4, 1), ((0, 0),)))
+
+
+def test_a_decoder_read_returns_its_frames_as_one_pack_and_the_encoder_picks_from_it():
+    """One object per read, not per frame (each object costs the raylet, the decoder and every reader
+    work of their own); the encoder takes a read's pack once for all of its frames."""
+    from masklet.actors.decoder import DecoderActor
+    from masklet.actors.encoder import EncoderActor
+    from masklet.actors.payloads import ArgLayout, PackedResult
+
+    decoder = DecoderActor(num_threads=None)
+    decoder.open("s", fake_opener(num_frames=5, seed=3))
+    metas, pack = decoder.read("s", 3)
+    assert [j for j, _ in metas] == [0, 1, 2] and len(pack) == 3
+    assert all(isinstance(f, np.ndarray) and f.dtype == np.uint8 for f in pack)
+    tail_metas, tail = decoder.read("s", 3)
+    assert [j for j, _ in tail_metas] == [3, 4] and len(tail) == 2
+    assert decoder.read("s", 3) == ((), ())  # the input has ended
+    spec = ModelSpec("null", None, 64, "cpu", factory="masklet.model.null_model:build_null_model")
+    layout = ArgLayout()
+    picks = layout.picks([PackedResult(pack, 2), PackedResult(tail, 0), PackedResult(pack, 0)])
+    assert picks == ((0, 2), (1, 0), (0, 0)) and layout.values == [pack, tail]
+    statuses, *embeddings = EncoderActor(spec).encode(picks, *layout.values)
+    assert statuses == (None, None, None) and len(embeddings) == 3
 
 
 class _PixelProbe:

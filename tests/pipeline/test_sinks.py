@@ -175,7 +175,7 @@ info = StreamInfo("s", 640, 360, 25.0, (1,), "m", mask_kernel={kernel!r})
 assert publisher.open(info, factory) == ()
 ys, xs = np.mgrid[0:64, 0:64].astype(np.float32)
 low = (10.0 - np.hypot(xs - 30, ys - 20)).astype(np.float32)  # a smooth blob, as real masks are
-[ack] = publisher.publish_frames(((FrameMeta("s", 0, 0.0, 640, 360), 0, ((1, None),)),), rgb, ObjectResult(1, 0, low, 1.0, 0.9, (360, 640)))
+[ack] = publisher.publish_frames(((FrameMeta("s", 0, 0.0, 640, 360), (0, None), ((1, None),)),), rgb, ObjectResult(1, 0, low, 1.0, 0.9, (360, 640)))
 assert ack.accepted and publisher.close("s") == ()
 print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))
 """
