@@ -163,6 +163,8 @@ def positive_window(low: np.ndarray, out_size: tuple[int, int]) -> tuple[slice, 
     ay, ax = _axis(low.shape[0], out_size[0]), _axis(low.shape[1], out_size[1])
     ys = np.flatnonzero(rows_any[ay.i0] | rows_any[ay.i1])
     xs = np.flatnonzero(cols_any[ax.i0] | cols_any[ax.i1])
+    if ys.size == 0 or xs.size == 0:  # shrinking: no output pixel reads the positive low-res rows/columns
+        return None
     return slice(int(ys[0]), int(ys[-1]) + 1), slice(int(xs[0]), int(xs[-1]) + 1)
 
 
@@ -170,6 +172,13 @@ def positive_window(low: np.ndarray, out_size: tuple[int, int]) -> tuple[slice, 
 # ragged mask (random weights, noise) is cheaper to threshold in full at video size with torch's
 # vectorised kernel. Trained SAM 2 masks are smooth: their outline is a thin band.
 OUTLINE_LIMIT = 0.1
+
+# Up to this many pixels in its crop, an object's values are all computed (`_summary_by_pixels`);
+# beyond, only where cells of the low-res grid disagree (`_summary_by_cells`). Measured on this
+# project's 2-core machine, 64x64 and 256x256 blob logits -> 720p, per object: 8k pixels 0.20 ms
+# against 0.38-0.40 (cells), 25-30k 0.30-0.32 against 0.47, 60-69k 0.48-0.55 against 0.52-0.57,
+# 120-130k 0.79-1.00 against 0.64-0.73. Small objects are common (CCTV: people, cars at a distance).
+SMALL_CROP = 48_000
 
 
 def summarize_mask(low: np.ndarray, out_size: tuple[int, int], kernel: Optional[str] = None) -> MaskSummary:
@@ -181,10 +190,11 @@ def summarize_mask(low: np.ndarray, out_size: tuple[int, int], kernel: Optional[
     if window is None:
         return MaskSummary((height, width), _empty_counts(height, width), (0, 0, 0, 0), 0)
     ys, xs = window
-    exact_here = _resolve(kernel, low.shape, (height, width)) is _Kernel.FUSED
-    if exact_here and (_outline_pixels(low, ys, xs, (height, width)) <= OUTLINE_LIMIT * height * width
-                       or not _has_torch()):
-        return _summary_by_cells(low, ys, xs, (height, width))
+    if _resolve(kernel, low.shape, (height, width)) is _Kernel.FUSED:
+        if (ys.stop - ys.start) * (xs.stop - xs.start) <= SMALL_CROP:
+            return _summary_by_pixels(low, ys, xs, (height, width))
+        if _outline_pixels(low, ys, xs, (height, width)) <= OUTLINE_LIMIT * height * width or not _has_torch():
+            return _summary_by_cells(low, ys, xs, (height, width))
     return _summary_full(low, (height, width))
 
 
@@ -211,6 +221,13 @@ def _outline_pixels(low: np.ndarray, ys: slice, xs: slice, out_size: tuple[int, 
     any_pos = corners[0] | corners[1] | corners[2] | corners[3]
     cell_pixels = (out_size[0] / low.shape[0]) * (out_size[1] / low.shape[1])
     return float(np.count_nonzero(any_pos & ~all_pos)) * cell_pixels
+
+
+def _summary_by_pixels(low: np.ndarray, ys: slice, xs: slice, out_size: tuple[int, int]) -> MaskSummary:
+    """Every value of the crop, computed as torch computes it, then its runs: fewer numpy calls than
+    the cells (what a small object's summary costs), more arithmetic per pixel."""
+    positive = _interpolate_fused(low, ys, xs, out_size) > 0
+    return _summary_from_columns(np.ascontiguousarray(positive.T), ys.start, xs.start, out_size[0], out_size[1])
 
 
 def _summary_full(low: np.ndarray, out_size: tuple[int, int]) -> MaskSummary:

@@ -77,3 +77,41 @@ def test_tiny_logits_underflow_exactly_as_torch():
         _, counts, bbox, area = reference(low, (720, 1280))
         got = summarize_mask(low, (720, 1280), mask_kernel((64, 64), (720, 1280)))
         assert (got.counts, got.bbox, got.area) == (counts, bbox, area), scale
+
+
+@pytest.mark.parametrize("side", [16, 64])
+def test_both_exact_paths_equal_torch_whatever_the_crop_size(side):
+    """summarize_mask computes a small object's crop pixel by pixel and a large one's by cells
+    (masks.SMALL_CROP decides, for speed only): each path alone must equal torch on every case,
+    underflowing logits included."""
+    from masklet.actors import masks
+
+    rng = np.random.default_rng(side + 7)
+    ys, xs = np.mgrid[0:side, 0:side].astype(np.float32)
+    cases = [(kind, low) for _ in range(4) for kind, low in lows(rng, side) if kind != "absent"]
+    cases += [(f"tiny {scale}", ((side / 6 - np.hypot(xs - side / 3, ys - side / 2)) * scale).astype(np.float32))
+              for scale in (1e-30, 1e-38, 1e-44)]
+    failures = []
+    for kind, low in cases:
+        size = (int(rng.integers(1, 500)), int(rng.integers(1, 700)))
+        window = masks.positive_window(low, size)
+        if window is None:
+            continue
+        _, counts, bbox, area = reference(low, size)
+        for path in (masks._summary_by_pixels, masks._summary_by_cells):
+            got = path(low, *window, size)
+            if (got.counts, got.bbox, got.area) != (counts, bbox, area):
+                failures.append(f"{path.__name__} {kind} {side}->{size}: ours bbox {got.bbox} area {got.area}, "
+                                f"torch+coco bbox {bbox} area {area}")
+    assert not failures, "\n".join(failures[:10])
+
+
+def test_a_positive_logit_no_output_pixel_reads_gives_an_empty_mask():
+    """Shrinking (video smaller than the logits): bilinear reads only some low-res rows; a positive
+    logit on a row no output pixel reads gives an empty mask, not an error (found by fuzzing)."""
+    low = np.full((64, 64), -5.0, np.float32)
+    low[1, 1] = 5.0
+    size = (4, 4)  # reads rows/columns 7-8, 23-24, ...: never 1
+    _, counts, bbox, area = reference(low, size)
+    got = summarize_mask(low, size)
+    assert (got.counts, got.bbox, got.area) == (counts, bbox, area) and area == 0
