@@ -12,9 +12,10 @@ go through the model as one batched step (`model.step_many`, grouped by memory s
 results equal one-by-one stepping); an op on an object that already has a step in the batch
 closes the batch first, so every object still sees its own operations in order.
 
-`run` returns the values `return_layout(ops)` describes: a tuple of `OpStatus` (tiny: the executor
-reads only this); then, when the call has steps or refines, ONE tuple of their `ObjectResult`s that
-travels on by reference to the publishers (`PackedResult` names one of them); then each snapshot's
+`run` returns the values `return_layout(ops)` describes: a tuple of `OpStatus` (`Statuses`, tiny:
+the executor reads only this); then, when the call has steps or refines, ONE `ResultPack` of their
+`ObjectResult`s that travels on by reference to the publishers (`PackedResult` names one of them;
+both pickle as a few plain values, not one object each); then each snapshot's
 `ObjectSnapshot` as a value of its own (kept for recovery long after the results are published).
 One reference per call instead of one per object: with the null model, Ray's per-reference work in
 the driver cost more than publishing. A failing op (a prompt outside the frame, say) fails alone:
@@ -29,7 +30,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from masklet.actors.payloads import ModelSpec, ObjectResult, as_embedding, one_line, restore_tracker
+from masklet.actors.payloads import ModelSpec, ObjectResult, ResultPack, as_embedding, one_line, restore_tracker
 from masklet.actors.runtime import actor_pid, limit_threads, node_id, release_free_memory
 from masklet.model.types import Prompt
 from masklet.monitoring.stats import Stats
@@ -115,6 +116,18 @@ def return_layout(ops: Sequence[TrackerOp]) -> tuple[int, dict[int, tuple[int, O
 class OpStatus:
     error: Optional[str] = None   # one line; None: the op succeeded
     score: Optional[float] = None  # presence logit of a step/refine result
+
+
+class Statuses(tuple):
+    """A call's `OpStatus`es, pickled as one tuple of (error, score) pairs: Ray's pickler pays its
+    per-object hook for every dataclass of a plain tuple (64 statuses: 0.15 ms, as pairs 0.006)."""
+
+    def __reduce__(self) -> tuple:
+        return _statuses, (tuple((s.error, s.score) for s in self),)
+
+
+def _statuses(pairs: tuple) -> Statuses:
+    return Statuses(OpStatus(error, score) for error, score in pairs)
 
 
 @dataclass(frozen=True)
@@ -249,16 +262,16 @@ class TrackerActor:
             self._batched_since_trim = False
         count, where = return_layout(ops)
         if count == 1:
-            return tuple(statuses)  # one return value: the statuses themselves
-        out: list[Any] = [tuple(statuses)] + [None] * (count - 1)
+            return Statuses(statuses)  # one return value: the statuses themselves
+        out: list[Any] = [Statuses(statuses)] + [None] * (count - 1)
         packed: list[Any] = [None] * sum(index is not None for _, index in where.values())
         for i, (slot, index) in where.items():
             if index is None:
                 out[slot] = values[i]
             else:
                 packed[index] = values[i]
-        if packed:
-            out[1] = tuple(packed)
+        if packed:  # a failed op's result is None: such a (rare) call keeps a plain tuple
+            out[1] = ResultPack.of(packed) if all(v is not None for v in packed) else tuple(packed)
         return tuple(out)
 
     def _prepare(self, ops: Sequence[TrackerOp], refs: Sequence[Any]) -> None:

@@ -220,6 +220,15 @@ def test_a_tracker_call_returns_its_step_results_as_one_pack_and_snapshots_apart
     statuses, pack, snap_a, snap_b = actor.run(ops, embedding)
     assert all(s.error is None for s in statuses) and len(statuses) == len(ops)
     assert [r.object_id for r in pack] == [1, 2] and all(isinstance(r, ObjectResult) for r in pack)
+    # The pack and the statuses cross processes as a few plain values, and come back equal.
+    import pickle
+
+    import ray.cloudpickle as cloudpickle
+    again = pickle.loads(cloudpickle.dumps(pack, protocol=5))
+    assert [(r.object_id, r.frame_idx, r.score, r.iou, r.video_size) for r in again] == \
+        [(r.object_id, r.frame_idx, r.score, r.iou, r.video_size) for r in pack]
+    assert all(np.array_equal(a.low_res_logits, b.low_res_logits) for a, b in zip(again, pack))
+    assert pickle.loads(cloudpickle.dumps(statuses)) == statuses
     assert isinstance(snap_a, tk.ObjectSnapshot) and isinstance(snap_b, tk.ObjectSnapshot)
     # A call with neither steps nor snapshots returns its statuses alone.
     assert tk.return_layout([tk.CloseObject(b)]) == (1, {})
@@ -228,10 +237,11 @@ def test_a_tracker_call_returns_its_step_results_as_one_pack_and_snapshots_apart
     m0, m1 = FrameMeta("s", 0, 0.0, 64, 48), FrameMeta("s", 1, 0.0, 64, 48)
     m2 = FrameMeta("s", 2, 0.0, 64, 48)
     read = ("rgb2", "rgb3")  # a decoder read's frames come packed too: one argument for all of them
-    frames, values = publish_frames_args([(m0, None, [PackedResult("pack", 1), PackedResult("pack", 0), pack[0]]),
+    lone = pack[0]
+    frames, values = publish_frames_args([(m0, None, [PackedResult("pack", 1), PackedResult("pack", 0), lone]),
                                           (m1, "rgb1", [PackedResult("pack2", 0), PackedResult("pack", 1)]),
                                           (m2, PackedResult(read, 1), [PackedResult("pack", 0)])])
-    assert values == ["pack", pack[0], "rgb1", "pack2", read]
+    assert values[0] == "pack" and values[1] is lone and values[2:] == ["rgb1", "pack2", read]
     assert frames == ((m0, None, ((0, 1), (0, 0), (1, None))), (m1, (2, None), ((3, 0), (0, 1))),
                       (m2, (4, 1), ((0, 0),)))
 
