@@ -1,10 +1,14 @@
 """The encoder actor: one model copy, one forward pass per batch of frames from any streams.
 
-`encode(picks, *values)` takes its frames as `Pick`s over its arguments (`ArgLayout`: a decoder
-read's pack is one argument for all of its frames) and returns 1 + len(picks) values: a tuple with
-one status per frame (None, or why it has no embedding), then each frame's embedding as its own
-object, so every tracker of that frame's stream reads the one copy by reference. A `FrameFailure` in (a live frame that did not
-decode) passes through as its own status and value, and the other frames of the batch are encoded.
+`encode(groups, *values)` takes its frames as groups of `Pick`s over its arguments (`ArgLayout`: a
+decoder read's pack is one argument for all of its frames; the executor makes one group per
+stream) and returns 1 + len(groups) values: a tuple with one status per frame, groups in order
+(None, or why it has no embedding), then each group's embeddings packed in one tuple. One object
+per stream and call rather than one per frame (each object costs the raylet, this process and every
+reader work of their own), and per stream so that a pack is freed with its stream's frames: a
+slow stream never keeps another stream's embeddings alive. Every tracker of a frame's stream reads
+the one copy by reference. A `FrameFailure` in (a live frame that did not decode) passes through as
+its own status and value, and the other frames of the batch are encoded.
 """
 from __future__ import annotations
 
@@ -40,22 +44,26 @@ class EncoderActor:
         self.batch_sizes: Counter[int] = Counter()
 
     @torch.inference_mode()
-    def encode(self, picks: tuple[Pick, ...], *values: Any) -> tuple:
+    def encode(self, groups: tuple[tuple[Pick, ...], ...], *values: Any) -> tuple:
         start = time.perf_counter()
-        frames = [picked(p, values) for p in picks]
+        frames = [picked(p, values) for group in groups for p in group]
         good = [i for i, f in enumerate(frames) if not isinstance(f, FrameFailure)]
         statuses: list[Any] = [f.reason if isinstance(f, FrameFailure) else None for f in frames]
-        values: list[Any] = list(frames)
+        out: list[Any] = list(frames)
         if good:
             embeddings = self._encode_same_size_groups([frames[i] for i in good])
             for i, emb in zip(good, embeddings):
-                values[i] = EmbeddingPayload.from_embedding(emb) if self.to_numpy else emb
+                out[i] = EmbeddingPayload.from_embedding(emb) if self.to_numpy else emb
             elapsed = time.perf_counter() - start
             self.stats.observe("masklet_encoder_batch_size", len(good))
             self.stats.inc("masklet_frames_encoded_total", len(good))
             for _ in good:
                 self.stats.observe("masklet_stage_latency_seconds", elapsed, stage="encode")
-        return (tuple(statuses), *values)
+        packs, begin = [], 0
+        for group in groups:
+            packs.append(tuple(out[begin:begin + len(group)]))
+            begin += len(group)
+        return (tuple(statuses), *packs)
 
     def _encode_same_size_groups(self, frames: list[np.ndarray]) -> list:
         """One forward pass when all frames share a size (the usual case); else one per size.

@@ -51,7 +51,7 @@ class ShardActor(TrackerActor):
         needed: set[tuple[str, int]] = set()
         for op in ops:
             if isinstance(op, (StepObject, RefineObject)):
-                key = refs[op.embedding]
+                key = picked(op.embedding, refs)
                 if isinstance(key, FrameKey):
                     needed.add((key.stream_id, key.frame_idx))
                     if (key.stream_id, key.frame_idx) in self.cache:

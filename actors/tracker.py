@@ -30,7 +30,8 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from masklet.actors.payloads import ModelSpec, ObjectResult, ResultPack, as_embedding, one_line, restore_tracker
+from masklet.actors.payloads import (ModelSpec, ObjectResult, Pick, ResultPack, as_embedding, one_line, picked,
+                                     restore_tracker)
 from masklet.actors.runtime import actor_pid, limit_threads, node_id, release_free_memory
 from masklet.model.types import Prompt
 from masklet.monitoring.stats import Stats
@@ -67,14 +68,14 @@ class StepObject:
     key: ObjectKey
     direction: str
     frame_idx: int
-    embedding: int
+    embedding: Pick              # the frame's embedding among the refs (an encoder call's pack, index)
     prompt: Optional[Prompt] = None
 
 
 @dataclass(frozen=True)
 class RefineObject:
     key: ObjectKey
-    embedding: int
+    embedding: Pick
     prompt: Prompt
 
 
@@ -229,15 +230,15 @@ class TrackerActor:
     def run(self, ops: Sequence[TrackerOp], *refs: Any) -> tuple:
         statuses: list[OpStatus] = [OpStatus()] * len(ops)
         values: list[Any] = [None] * len(ops)
-        embeddings: dict[int, Any] = {}
+        embeddings: dict[Pick, Any] = {}
         batch: list[int] = []   # indices of pending StepObject ops, distinct objects
 
         self._prepare(ops, refs)
 
-        def embedding(i: int) -> Any:
-            if i not in embeddings:  # one conversion per frame, however many objects read it
-                embeddings[i] = self._embedding(refs[i])
-            return embeddings[i]
+        def embedding(pick: Pick) -> Any:
+            if pick not in embeddings:  # one conversion per frame, however many objects read it
+                embeddings[pick] = self._embedding(picked(pick, refs))
+            return embeddings[pick]
 
         def flush() -> None:
             if batch:

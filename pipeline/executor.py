@@ -235,9 +235,7 @@ class Executor:
         def ref(value: Any) -> int:
             if id(value) not in index:  # one argument per distinct embedding/snapshot
                 if isinstance(value, c.DeferredEmbedding):  # its pixels travel as their own argument
-                    rgb = value.rgb
-                    pixels = (ref(rgb.ref), rgb.index) if isinstance(rgb, PackedResult) else (ref(rgb), None)
-                    key = FrameKey(value.stream_id, value.frame_idx, pixels)
+                    key = FrameKey(value.stream_id, value.frame_idx, pick(value.rgb))
                     index[id(value)] = len(refs)
                     refs.append(key)
                 else:
@@ -245,15 +243,18 @@ class Executor:
                     refs.append(value)
             return index[id(value)]
 
+        def pick(value: Any) -> tuple[int, Optional[int]]:  # a packed value: its pack's argument, its place
+            return (ref(value.ref), value.index) if isinstance(value, PackedResult) else (ref(value), None)
+
         ops = []
         for cmd, _ in ordered:
             if isinstance(cmd, c.OpenObject):
                 ops.append(tk.OpenObject(cmd.key, cmd.video_size, cmd.num_frames,
                                          -1 if cmd.snapshot is None else ref(cmd.snapshot)))
             elif isinstance(cmd, c.Step):
-                ops.append(tk.StepObject(cmd.key, cmd.direction, cmd.frame_idx, ref(cmd.embedding), cmd.prompt))
+                ops.append(tk.StepObject(cmd.key, cmd.direction, cmd.frame_idx, pick(cmd.embedding), cmd.prompt))
             elif isinstance(cmd, c.Refine):
-                ops.append(tk.RefineObject(cmd.key, ref(cmd.embedding), cmd.prompt))
+                ops.append(tk.RefineObject(cmd.key, pick(cmd.embedding), cmd.prompt))
             elif isinstance(cmd, c.BranchBackward):
                 ops.append(tk.BranchBackward(cmd.key))
             elif isinstance(cmd, c.Snapshot):
@@ -299,10 +300,16 @@ class Executor:
             for sid, j, _ in jobs:
                 queued = self._enqueued.pop((sid, j), now)
                 self.stats.observe("masklet_stage_latency_seconds", now - queued, stage="queue")
+            by_stream: dict[str, list] = {}  # one embedding pack per stream (actors.encoder)
+            for job in jobs:
+                by_stream.setdefault(job[0], []).append(job)
+            jobs = [job for group in by_stream.values() for job in group]
             layout = ArgLayout()  # a decoder read's pack is one argument for all of its frames
-            picks = layout.picks([rgb for _, _, rgb in jobs])
-            out = self._call("encode", self.encoder, "encode", picks, *layout.values, num_returns=len(jobs) + 1)
-            self._pending[out[0]].payload = (jobs, out[1:])
+            groups = tuple(layout.picks([rgb for _, _, rgb in group]) for group in by_stream.values())
+            out = self._call("encode", self.encoder, "encode", groups, *layout.values, num_returns=len(groups) + 1)
+            embeddings = [PackedResult(out[1 + g], i) for g, group in enumerate(by_stream.values())
+                          for i in range(len(group))]
+            self._pending[out[0]].payload = (jobs, embeddings)
             self._encoding.append((self.encoder.generation, jobs, out[0]))
 
     def _encoder_room(self) -> bool:

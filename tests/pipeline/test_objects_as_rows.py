@@ -178,7 +178,7 @@ def test_a_tracker_step_pass_carries_at_most_max_step_batch_objects():
     keys = [ObjectKey("s", i) for i in range(10)]
     embedding = build_null_model(image_size=64).encode([None])[0]
     ops = [tk.OpenObject(k, (48, 64)) for k in keys]
-    ops += [tk.StepObject(k, tk.FORWARD, 0, 0, point(10 + i, 20)) for i, k in enumerate(keys)]
+    ops += [tk.StepObject(k, tk.FORWARD, 0, (0, None), point(10 + i, 20)) for i, k in enumerate(keys)]
     statuses, *_ = actor.run(ops, embedding)
     assert all(s.error is None for s in statuses)
     assert actor.batch_sizes == {4: 2, 2: 1}
@@ -212,8 +212,8 @@ def test_a_tracker_call_returns_its_step_results_as_one_pack_and_snapshots_apart
     actor = tk.TrackerActor(spec, None, max_step_batch=4)
     a, b = ObjectKey("s", 1), ObjectKey("s", 2)
     embedding = build_null_model(image_size=64).encode([None])[0]
-    ops = [tk.OpenObject(a, (48, 64)), tk.OpenObject(b, (48, 64)), tk.StepObject(a, tk.FORWARD, 0, 0, point(10, 20)),
-           tk.SnapshotObject(a), tk.StepObject(b, tk.FORWARD, 0, 0, point(30, 20)), tk.SnapshotObject(b),
+    ops = [tk.OpenObject(a, (48, 64)), tk.OpenObject(b, (48, 64)), tk.StepObject(a, tk.FORWARD, 0, (0, None), point(10, 20)),
+           tk.SnapshotObject(a), tk.StepObject(b, tk.FORWARD, 0, (0, None), point(30, 20)), tk.SnapshotObject(b),
            tk.CloseObject(a)]
     count, where = tk.return_layout(ops)
     assert count == 4 and where == {2: (1, 0), 4: (1, 1), 3: (2, None), 5: (3, None)}
@@ -248,7 +248,8 @@ def test_a_tracker_call_returns_its_step_results_as_one_pack_and_snapshots_apart
 
 def test_a_decoder_read_returns_its_frames_as_one_pack_and_the_encoder_picks_from_it():
     """One object per read, not per frame (each object costs the raylet, the decoder and every reader
-    work of their own); the encoder takes a read's pack once for all of its frames."""
+    work of their own); the encoder takes a read's pack once for all of its frames and returns one
+    embedding pack per group (stream)."""
     from masklet.actors.decoder import DecoderActor
     from masklet.actors.encoder import EncoderActor
     from masklet.actors.payloads import ArgLayout, PackedResult
@@ -265,8 +266,9 @@ def test_a_decoder_read_returns_its_frames_as_one_pack_and_the_encoder_picks_fro
     layout = ArgLayout()
     picks = layout.picks([PackedResult(pack, 2), PackedResult(tail, 0), PackedResult(pack, 0)])
     assert picks == ((0, 2), (1, 0), (0, 0)) and layout.values == [pack, tail]
-    statuses, *embeddings = EncoderActor(spec).encode(picks, *layout.values)
-    assert statuses == (None, None, None) and len(embeddings) == 3
+    # Frames come grouped (one group per stream): each group's embeddings return as one pack.
+    statuses, first, second = EncoderActor(spec).encode((picks[:2], picks[2:]), *layout.values)
+    assert statuses == (None, None, None) and len(first) == 2 and len(second) == 1
 
 
 class _PixelProbe:
@@ -315,8 +317,31 @@ def test_a_batched_pass_gives_its_freed_activations_back(monkeypatch):
     embedding = build_null_model(image_size=64).encode([None])[0]
     actor.run([tk.OpenObject(k, (48, 64)) for k in keys], embedding)
     assert trims == []
-    actor.run([tk.StepObject(keys[0], tk.FORWARD, 0, 0, point(10, 20))], embedding)  # one object: no batch
+    actor.run([tk.StepObject(keys[0], tk.FORWARD, 0, (0, None), point(10, 20))], embedding)  # one object: no batch
     assert trims == []
-    actor.run([tk.StepObject(k, tk.FORWARD, 1 if i == 0 else 0, 0, point(10 + i, 20) if i else None)
+    actor.run([tk.StepObject(k, tk.FORWARD, 1 if i == 0 else 0, (0, None), point(10 + i, 20) if i else None)
                for i, k in enumerate(keys)], embedding)
     assert trims == [1]
+
+
+def test_one_encoder_call_batches_streams_and_returns_one_embedding_pack_per_stream():
+    """Frames of two streams share one encoder pass; their embeddings come back packed per stream,
+    so a pack is freed with its own stream's frames (a slow stream never holds another's)."""
+    from masklet.actors.payloads import PackedResult
+    from masklet.pipeline import commands as c
+    from masklet.pipeline.executor import Executor, ExecutorConfig
+
+    spec = ModelSpec("null", None, 64, "cpu", factory="masklet.model.null_model:build_null_model")
+    executor = Executor(InProcessBackend(), spec, ExecutorConfig(max_batch_size=8, max_wait_ms=0))
+    frame = np.zeros((48, 64, 3), np.uint8)
+    executor.submit([c.Encode(sid, j, frame) for j in range(3) for sid in ("a", "b")])  # interleaved
+    done = []
+    while len(done) < 6:
+        done += [d for d in executor.poll(1.0, flush=True) if isinstance(d, c.Encoded)]
+    packs = {sid: {id(d.embedding.ref) for d in done if d.stream_id == sid} for sid in ("a", "b")}
+    assert all(isinstance(d.embedding, PackedResult) for d in done)
+    assert len(packs["a"]) == 1 and len(packs["b"]) == 1 and packs["a"] != packs["b"], packs
+    for d in done:  # each frame's embedding is where its pick says, in frame order within the stream
+        assert d.embedding.index == d.frame_idx and len(executor.backend.get(d.embedding.ref)) == 3
+    assert executor.report()["encoder_batch_sizes"] == {6: 1}  # still one pass for both streams
+    executor.shutdown()
