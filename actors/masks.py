@@ -75,6 +75,17 @@ def _axis(in_size: int, out_size: int) -> _Axis:
 
 def _interpolate_fused(low: np.ndarray, ys: slice, xs: slice, out_size: tuple[int, int]) -> np.ndarray:
     """Bilinear values of output rows `ys` x columns `xs`, float32 [len(ys), len(xs)]."""
+    return _blend_y(low, ys, xs, out_size).astype(np.float32)
+
+
+def _positive_fused(low: np.ndarray, ys: slice, xs: slice, out_size: tuple[int, int]) -> np.ndarray:
+    """`_interpolate_fused(...) > 0` without rounding every value to float32: a positive float64 v
+    rounds to a positive float32 exactly when v > 2**-150 (below, or at the tie, it rounds to 0)."""
+    return _blend_y(low, ys, xs, out_size) > _F64(2.0 ** -150)
+
+
+def _blend_y(low: np.ndarray, ys: slice, xs: slice, out_size: tuple[int, int]) -> np.ndarray:
+    """The crop's values before their final rounding to float32 (float64, each one fused multiply-add)."""
     ay, ax = _axis(low.shape[0], out_size[0]), _axis(low.shape[1], out_size[1])
     y0, y1, wy0, wy1 = ay.i0[ys], ay.i1[ys], ay.w0[ys], ay.w1[ys]
     x0, x1, wx0, wx1 = ax.i0[xs], ax.i1[xs], ax.w0[xs], ax.w1[xs]
@@ -83,7 +94,10 @@ def _interpolate_fused(low: np.ndarray, ys: slice, xs: slice, out_size: tuple[in
     # x inside: per low-res row, fma(t0, w0, t1 * w1) along x.
     along_x = _fma32(band[:, x0], wx0, (band[:, x1] * wx1).astype(_F64))
     top, bottom = along_x[y0 - rows[0]], along_x[y1 - rows[0]]
-    return _fma32(top, wy0[:, None], (bottom * wy1[:, None]).astype(_F64))
+    blended = top.astype(_F64)
+    blended *= wy0[:, None]
+    blended += (bottom * wy1[:, None]).astype(_F64)
+    return blended
 
 
 def _interpolate_torch(low: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:
@@ -226,7 +240,7 @@ def _outline_pixels(low: np.ndarray, ys: slice, xs: slice, out_size: tuple[int, 
 def _summary_by_pixels(low: np.ndarray, ys: slice, xs: slice, out_size: tuple[int, int]) -> MaskSummary:
     """Every value of the crop, computed as torch computes it, then its runs: fewer numpy calls than
     the cells (what a small object's summary costs), more arithmetic per pixel."""
-    positive = _interpolate_fused(low, ys, xs, out_size) > 0
+    positive = _positive_fused(low, ys, xs, out_size)
     return _summary_from_columns(np.ascontiguousarray(positive.T), ys.start, xs.start, out_size[0], out_size[1])
 
 
