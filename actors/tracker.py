@@ -52,7 +52,8 @@ class ObjectKey:
         return f"{self.stream_id}/{self.object_id}" + (f".{self.serial}" if self.serial else "")
 
 
-# -- operations (ref fields index the positional refs of the `run` call) ------------------------
+# -- operations (ref fields name the positional refs of the `run` call: an index, or for an embedding
+#    a `Pick`, (argument, place in that argument's pack or None)) -------------------------------
 
 
 @dataclass(frozen=True)
