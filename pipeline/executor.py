@@ -229,22 +229,21 @@ class Executor:
             for q in queues:
                 ordered.append(q.popleft())
             queues = [q for q in queues if q]
-        refs: list[Any] = []
-        index: dict[int, int] = {}
+        layout = ArgLayout()  # one argument per distinct snapshot, embedding pack or frame key
+        frame_keys: dict[int, FrameKey] = {}
+
+        def arg(value: Any) -> Any:  # what the actor receives: a deferred embedding is its frame's key
+            if not isinstance(value, c.DeferredEmbedding):
+                return value
+            if id(value) not in frame_keys:  # its pixels travel as an argument of their own
+                frame_keys[id(value)] = FrameKey(value.stream_id, value.frame_idx, layout.pick(value.rgb))
+            return frame_keys[id(value)]
 
         def ref(value: Any) -> int:
-            if id(value) not in index:  # one argument per distinct embedding/snapshot
-                if isinstance(value, c.DeferredEmbedding):  # its pixels travel as their own argument
-                    key = FrameKey(value.stream_id, value.frame_idx, pick(value.rgb))
-                    index[id(value)] = len(refs)
-                    refs.append(key)
-                else:
-                    index[id(value)] = len(refs)
-                    refs.append(value)
-            return index[id(value)]
+            return layout.slot(arg(value))
 
-        def pick(value: Any) -> tuple[int, Optional[int]]:  # a packed value: its pack's argument, its place
-            return (ref(value.ref), value.index) if isinstance(value, PackedResult) else (ref(value), None)
+        def pick(value: Any) -> tuple[int, Optional[int]]:
+            return layout.pick(arg(value))
 
         ops = []
         for cmd, _ in ordered:
@@ -262,7 +261,7 @@ class Executor:
             else:
                 ops.append(tk.CloseObject(cmd.key))
         count, where = tk.return_layout(ops)
-        out = self._call("run", batch.actor, "run", ops, *refs, num_returns=count)
+        out = self._call("run", batch.actor, "run", ops, *layout.values, num_returns=count)
         out = out if count > 1 else [out]
         values = [None] * len(ops)
         for i, (slot, index) in where.items():
