@@ -2,8 +2,9 @@
 weights, 256 px, one looping stream), with /health/live probed meanwhile on the replica's health
 listener (serve.health_port) and on the API port, alternately.
 
-Two sessions, side by side in one run: `--ingress proxy` (Serve's HTTP proxy answers the API port)
-then `--ingress direct` (the default: the replica serves HTTP itself, deploy/serve_ingress.py).
+Three sessions, side by side in one run: `--ingress proxy` (Serve's HTTP proxy answers the API port)
+without the API's guard in the proxy (serve.proxy_gate: false), then with it (the default), then
+`--ingress direct` (the default: the replica serves HTTP itself, deploy/serve_ingress.py).
 In each, once the stream's actors have started (`settle`), two floods alternate, twice each:
 GET /streams/cam1/frame.png (real work: an overlay PNG; the app works on
 limits.max_in_flight_requests of them and answers the rest 503) and GET /health/live (no work:
@@ -16,6 +17,7 @@ first-come-first-served server must show with that many requests always outstand
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -103,8 +105,10 @@ def serve_session(ingress: str, scratch: Path) -> list[dict]:
     health_port = next(p for p in iter(free_port, None) if p != port)
     env = {**os.environ, "MASKLET_API_TOKEN": TOKEN, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     env.pop("RAY_ADDRESS", None)
+    if ingress == "proxy-ungated":  # the proxy without the API's guard (serve.proxy_gate: false)
+        env["MASKLET_SERVE__PROXY_GATE"] = "false"
     log = (scratch / f"serve-{ingress}.log").open("w")
-    cli = subprocess.Popen([sys.executable, "-m", "masklet.deploy.cli", "serve", "--ingress", ingress,
+    cli = subprocess.Popen([sys.executable, "-m", "masklet.deploy.cli", "serve", "--ingress", ingress.split("-")[0],
                             "--port", str(port), "--health-port", str(health_port), "--checkpoint", "random",
                             "--image-size", "256", "--device", "cpu"],
                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -134,8 +138,14 @@ def main() -> int:
     from masklet.deploy.api_limits import deployment_limits
     from masklet.pipeline.config import LimitsSettings
 
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--ingress", default="proxy-ungated,proxy,direct",
+                        help="sessions to run, in this order (proxy-ungated: serve.proxy_gate false)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve_overload_bench.json")
+    args = parser.parse_args()
+    sessions = tuple(args.ingress.split(","))
     scratch = Path(tempfile.mkdtemp(prefix="masklet-overload-"))
-    runs = [run for ingress in ("proxy", "direct") for run in serve_session(ingress, scratch)]
+    runs = [run for ingress in sessions for run in serve_session(ingress, scratch)]
 
     def of(ingress: str, path_end: str, key: str) -> list:
         return [r[key] for r in runs if r["ingress"] == ingress and r["path"].endswith(path_end)]
@@ -145,14 +155,14 @@ def main() -> int:
               "max_in_flight_requests": LimitsSettings().max_in_flight_requests,
               "runs": runs,
               "health_listener_max_ms_over_all_floods": max(r["health_listener_max_ms"] for r in runs),
-              **{f"{ingress}_{what}": of(ingress, end, key) for ingress in ("proxy", "direct")
+              **{f"{ingress.replace('-', '_')}_{what}": of(ingress, end, key) for ingress in sessions
                  for what, end, key in (("busy_503_p50_ms", "frame.png", "busy_503_p50_ms"),
                                         ("frame_png_throughput_rps", "frame.png", "throughput_rps"),
                                         ("health_flood_p50_ms", "/health/live", "p50_ms"),
                                         ("health_flood_throughput_rps", "/health/live", "throughput_rps"))},
               "machine": {**machine(), "load_note": f"loadavg at end {os.getloadavg()}; other agents share the cores"}}
     print(json.dumps(report, indent=1))
-    out = ROOT / "bench" / "results" / "serve_overload_bench.json"
+    out = args.out
     out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {out}", file=sys.stderr)
     return 0

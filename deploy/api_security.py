@@ -16,7 +16,7 @@ import json
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable, Iterable
+from typing import Any, Awaitable, Callable, Iterable, Optional
 
 from starlette.exceptions import HTTPException
 
@@ -69,7 +69,7 @@ class ApiLimits:
     own: long-lived feeds never take the slots of other routes. /health/* has no cap at all.
     """
 
-    max_body_bytes: int
+    max_body_bytes: Optional[int]   # None: not checked by this guard (Serve's proxy: the app checks)
     max_streams: int
     max_in_flight: int = 40
     max_event_streams: int = 16
@@ -117,7 +117,8 @@ class GuardMiddleware:
                                   [("retry-after", str(RETRY_AFTER_S))])
             return
         declared = headers.get("content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limits.max_body_bytes):
+        cap = self.limits.max_body_bytes
+        if cap is not None and declared is not None and (not declared.isdigit() or int(declared) > cap):
             await send_json_error(send, 413, f"request body over the {self.limits.max_body_bytes}-byte limit")
             return
         self._count(kind, +1)

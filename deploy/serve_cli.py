@@ -102,7 +102,8 @@ def run_serve(args: argparse.Namespace) -> int:
     # Before Ray starts: direct ingress is switched on in the environment its processes inherit
     avoid = (settings.serve.health_port,) if settings.serve.health_port else ()
     ingress, proxy_port = serve_ingress.prepare(settings.serve.ingress, settings.serve.host, settings.serve.port,
-                                                avoid=avoid)
+                                                avoid=avoid, token=token if settings.serve.proxy_gate else None,
+                                                config=str(args.config.resolve()) if args.config else None)
     if ingress != settings.serve.ingress:
         print("masklet serve: joining a running Ray session (RAY_ADDRESS or `ray start`), whose Serve switches "
               "are its own: Ray Serve's proxy serves the API (serve.ingress: proxy)", file=sys.stderr)

@@ -44,13 +44,27 @@ cap by the app's guard) in front of Serve, so a refused request costs uvicorn an
 It shares the app's ApiLimits (live reconfigure applies to both). The app keeps its own guard, which
 still guards whatever arrives through Serve's proxy; the front counts first, so the inner count
 never exceeds it.
+
+The proxy gate: Ray calls the same hook in Serve's proxy. Where `masklet serve` answers through the
+proxy (`--ingress proxy`, or a RayService: deploy/rayservice.yaml sets the same variables on the
+head pod), the proxy has no app to share limits with, so `front_gate` builds the guard there from
+the proxy's environment (`proxy_gate_env`: the hook, MASKLET_API_TOKEN, MASKLET_CONFIG; MASKLET_*
+as anywhere): token, and the caps on requests in flight and on SSE feeds, counted over everything
+that passes this proxy. Past them the proxy answers 503 + Retry-After itself, before routing the
+request to the replica (/health/live floods pass the proxy at 170-265 requests/s here). Body sizes stay with the app
+(its cap changes live). Side by side, one run, 200 outstanding overlay-PNG requests: the proxy's
+503s in 395 / 556 ms p50 with the gate, 1,199 / 1,150 ms without (bench/serve_overload_bench.py).
+Off with serve.proxy_gate: false (one proxy in front of several Masklet applications would count
+them together); without a token the proxy gets no gate. The app's guard stands behind it either way.
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from typing import Any, Optional, Literal
 
+log = logging.getLogger(__name__)
 Ingress = Literal["direct", "proxy"]
 FRONT_GATE_IMPORT_PATH = "masklet.deploy.serve_ingress:front_gate"
 # (token, ApiLimits) of the API replica in this process, once its app is built (`install_front_gate`)
@@ -96,12 +110,26 @@ def free_port(host: str, avoid: tuple[int, ...] = ()) -> int:
             return port
 
 
-def prepare(ingress: Ingress, host: str, port: int, avoid: tuple[int, ...] = ()) -> tuple[Ingress, int]:
-    """Before Ray starts: the ingress that will serve and the port Serve's proxy binds. Direct sets
-    Ray's switches in this process's environment (its Ray session inherits them) and moves the proxy
-    to a free port (not `port`, nor one in `avoid`: the health port); joining a running session
-    falls back to the proxy on `port`."""
-    if ingress == "direct" and not joins_existing_ray():
+def proxy_gate_env(token: str, config: Optional[str] = None) -> dict[str, str]:
+    """What Serve's proxy needs to put the API's guard in front of its own work (`front_gate`): the
+    hook, the bearer token and the config file whose `limits` the guard enforces. A RayService sets
+    the same variables on its head pod (deploy/rayservice.yaml)."""
+    return {"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": FRONT_GATE_IMPORT_PATH, "MASKLET_API_TOKEN": token,
+            **({"MASKLET_CONFIG": config} if config else {})}
+
+
+def prepare(ingress: Ingress, host: str, port: int, avoid: tuple[int, ...] = (), *,
+            token: Optional[str] = None, config: Optional[str] = None) -> tuple[Ingress, int]:
+    """Before Ray starts: the ingress that will serve and the port Serve's proxy binds. Sets, in this
+    process's environment (its Ray session inherits it), the proxy's gate (`proxy_gate_env`, given a
+    `token`; none without) and, for direct, Ray's switches, and moves the proxy to a free port (not `port`, nor one
+    in `avoid`: the health port); joining a running session changes nothing and falls back to the
+    proxy on `port`."""
+    if joins_existing_ray():
+        return "proxy", port
+    # no token: no gate, even where the proxy would find one in the environment (MASKLET_API_TOKEN)
+    os.environ.update(proxy_gate_env(token, config) if token else {"MASKLET_SERVE__PROXY_GATE": "false"})
+    if ingress == "direct":
         os.environ.update(direct_ingress_env(port))
         return "direct", free_port(host, avoid=(port, *avoid))
     return "proxy", port
@@ -149,17 +177,40 @@ def install_front_gate(token: str, limits: Any) -> None:
     _front_gate_config = (token, limits)
 
 
+def _proxy_gate_config() -> Optional[tuple[str, Any]]:
+    """(token, ApiLimits) for the guard in Serve's proxy, from its environment (`proxy_gate_env`);
+    None without a token there. Only the caps on requests in flight (ordinary and SSE) and the token:
+    body sizes stay with the app, whose cap `reconfigure` changes live."""
+    from masklet.deploy.api_security import ApiLimits
+    from masklet.pipeline.config import ConfigError, load_settings
+
+    try:
+        settings = load_settings(None)  # MASKLET_CONFIG and MASKLET_* of this process's environment
+    except ConfigError as exc:  # the app's own guard still stands behind; the proxy must start
+        log.warning("no API guard in Serve's proxy: %s", exc)
+        return None
+    token = os.environ.get("MASKLET_API_TOKEN") or (
+        settings.serve.api_token.get_secret_value() if settings.serve.api_token else None)
+    if not token or not settings.serve.proxy_gate:
+        return None
+    return token, ApiLimits(max_body_bytes=None, max_streams=settings.serve.max_streams,
+                            max_in_flight=settings.limits.max_in_flight_requests,
+                            max_event_streams=settings.limits.max_event_streams)
+
+
 def front_gate() -> list:
-    """Serve's HTTP middleware hook (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, set by
-    `direct_ingress_env`): the API's guard in the API replica's server, nothing elsewhere (Serve's
-    proxy: requests through it meet the app's own guard in the replica)."""
-    if _front_gate_config is None:
+    """Serve's HTTP middleware hook (RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH): the API's guard in
+    front of Serve's own request handling, in the API replica's server (direct ingress, with the app's
+    own ApiLimits) and in Serve's proxy (from its environment: `proxy_gate_env`); nothing in a process
+    that has neither."""
+    config = _front_gate_config or _proxy_gate_config()
+    if config is None:
         return []
     from starlette.middleware import Middleware
 
     from masklet.deploy.api_security import DEFAULT_PUBLIC_PATHS, SERVE_HEALTH_PATHS, GuardMiddleware
 
-    token, limits = _front_gate_config
+    token, limits = config
     # Serve's own routes on this port stay as token-free as they are through its proxy. A body without
     # Content-Length is cut at the cap by the app's own guard: raised here, inside Serve's receive
     # task, it would end the request as a client gone (499) instead of a 413.

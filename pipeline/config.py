@@ -286,6 +286,10 @@ class ServeSettings(_Section):
                                                           "event loop has not run for this long")
     # direct: the API replica serves HTTP itself, no wait in Serve's proxy (deploy/serve_ingress.py)
     ingress: Literal["direct", "proxy"] = "direct"
+    # The API's guard (token, in-flight and SSE caps) in Serve's proxy too: past the caps the proxy answers
+    # 503 itself instead of queueing (deploy/serve_ingress.py). Its counts cover every application
+    # behind that proxy: turn it off where one proxy fronts several Masklet applications.
+    proxy_gate: bool = True
 
     @model_validator(mode="after")
     def _health_port_apart(self) -> "ServeSettings":

@@ -184,21 +184,27 @@ def test_direct_ingress_is_switched_on_before_ray_starts_unless_joining_a_sessio
     from masklet.pipeline.config import load_settings
 
     env = serve_ingress.direct_ingress_env(18000)
-    for key in env:
-        monkeypatch.delenv(key, raising=False)  # restored after the test
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for key in (*env, *serve_ingress.proxy_gate_env("t", "c"), "MASKLET_SERVE__PROXY_GATE", "RAY_ADDRESS"):
+        # setenv first: monkeypatch then restores the value from before the test (a delenv of an unset
+        # variable records nothing, and a later delenv would record what `prepare` set: both leaked
+        # direct ingress into every later Ray session of the test process)
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     assert load_settings(None).serve.ingress == "direct"
     ingress, proxy_port = serve_ingress.prepare("direct", "127.0.0.1", 18000)
     assert ingress == "direct" and proxy_port != 18000
     assert {key: os.environ[key] for key in env} == env
     assert (env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"], env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"]) == ("18000",
                                                                                                             "18001")
+    assert os.environ["MASKLET_SERVE__PROXY_GATE"] == "false"  # no token given: no gate in the proxy
     for key in env:
         monkeypatch.delenv(key)
+    monkeypatch.delenv("MASKLET_SERVE__PROXY_GATE")
     monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
     assert serve_ingress.prepare("direct", "127.0.0.1", 18000) == ("proxy", 18000)
     assert not any(key in os.environ for key in env)
-    assert serve_ingress.prepare("proxy", "127.0.0.1", 18000) == ("proxy", 18000)
+    assert serve_ingress.prepare("proxy", "127.0.0.1", 18000, token="t") == ("proxy", 18000)
+    assert "MASKLET_SERVE__PROXY_GATE" not in os.environ and "MASKLET_API_TOKEN" not in os.environ  # a session joined
     # RAY_ADDRESS=local asks for a new session (ours); a `ray start` cluster recorded on this machine
     # would be joined by ray.init() like RAY_ADDRESS (Ray's own lookup decides, as ray.init does)
     monkeypatch.setenv("RAY_ADDRESS", "local")
@@ -238,7 +244,7 @@ def test_the_front_gate_answers_before_serve_in_a_direct_ingress_replica(monkeyp
     loop per request here) before the app's guard; the API replica puts a second instance of that guard
     in front of it through Serve's own middleware hook (deploy/serve_ingress.py, "The front gate"). Ray's
     code composes it here as in the replica: refusals (401, 503 + Retry-After at the cap) never reach
-    Serve's handler; Serve's token-free routes stay token-free; other processes (Serve's proxy) get none."""
+    Serve's handler; Serve's token-free routes stay token-free; a proxy without a token gets none."""
     import asyncio
 
     from ray.serve._private import http_util
@@ -251,7 +257,10 @@ def test_the_front_gate_answers_before_serve_in_a_direct_ingress_replica(monkeyp
         serve_ingress.FRONT_GATE_IMPORT_PATH
     monkeypatch.setattr(http_util, "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", serve_ingress.FRONT_GATE_IMPORT_PATH)
     monkeypatch.setattr(serve_ingress, "_front_gate_config", None)  # restored after the test
-    assert http_util.configure_http_middlewares(HTTPOptions()).middlewares == []  # a proxy: nothing installed
+    monkeypatch.delenv("MASKLET_API_TOKEN", raising=False)
+    monkeypatch.delenv("MASKLET_CONFIG", raising=False)
+    # a proxy with no token in its environment (tests/serve/test_proxy_gate.py has one): nothing installed
+    assert http_util.configure_http_middlewares(HTTPOptions()).middlewares == []
     limits = ApiLimits(max_body_bytes=1000, max_streams=4, max_in_flight=1)
     serve_ingress.install_front_gate("tok", limits)
     middlewares = http_util.configure_http_middlewares(HTTPOptions()).middlewares
