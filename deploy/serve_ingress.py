@@ -51,8 +51,8 @@ head pod), the proxy has no app to share limits with, so `front_gate` builds the
 the proxy's environment (`proxy_gate_env`: the hook, MASKLET_API_TOKEN, MASKLET_CONFIG; MASKLET_*
 as anywhere): token, and the caps on requests in flight and on SSE feeds, counted over everything
 that passes this proxy. Past them the proxy answers 503 + Retry-After itself, before routing the
-request to the replica (/health/live floods pass the proxy at 170-265 requests/s here). Body sizes stay with the app
-(its cap changes live). Side by side, one run, 200 outstanding overlay-PNG requests: the proxy's
+request to the replica (/health/live floods pass the proxy at 170-265 requests/s here). Body sizes
+stay with the app (its cap changes live). Side by side, one run, 200 outstanding overlay-PNG requests: the proxy's
 503s in 395 / 556 ms p50 with the gate, 1,199 / 1,150 ms without (bench/serve_overload_bench.py).
 Off with serve.proxy_gate: false (one proxy in front of several Masklet applications would count
 them together); without a token the proxy gets no gate. The app's guard stands behind it either way.
@@ -122,9 +122,9 @@ def prepare(ingress: Ingress, host: str, port: int, avoid: tuple[int, ...] = (),
             token: Optional[str] = None, config: Optional[str] = None) -> tuple[Ingress, int]:
     """Before Ray starts: the ingress that will serve and the port Serve's proxy binds. Sets, in this
     process's environment (its Ray session inherits it), the proxy's gate (`proxy_gate_env`, given a
-    `token`; none without) and, for direct, Ray's switches, and moves the proxy to a free port (not `port`, nor one
-    in `avoid`: the health port); joining a running session changes nothing and falls back to the
-    proxy on `port`."""
+    `token`; none without) and, for direct, Ray's switches, and moves the proxy to a free port (not
+    `port`, nor one in `avoid`: the health port); joining a running session changes nothing and
+    falls back to the proxy on `port`."""
     if joins_existing_ray():
         return "proxy", port
     # no token: no gate, even where the proxy would find one in the environment (MASKLET_API_TOKEN)
