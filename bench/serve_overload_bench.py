@@ -31,7 +31,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from bench_common import machine, percentile_ms  # noqa: E402
+from bench_common import cpu_by_process, machine, percentile_ms  # noqa: E402
 
 TOKEN = "bench-token-0123456789"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
@@ -75,14 +75,25 @@ def settle(limit_cores: float = 1.0, timeout_s: float = 90.0) -> dict:
 def flood(port: int, health_port: int, path: str) -> dict:
     """One flood from its own process (tests/serve/flood_client.py), while this process probes
     /health/live on the health listener and on the API port, alternately."""
+    before, started = cpu_by_process(), time.monotonic()
     flooder = subprocess.Popen([sys.executable, str(ROOT / "tests" / "serve" / "flood_client.py"), str(port), path,
                                 TOKEN, str(REQUESTS), str(CONCURRENCY)], stdout=subprocess.PIPE, text=True)
     listener, api = [], []
+    flooder_cpu = None
     while flooder.poll() is None:
         listener.append(_probe(f"http://127.0.0.1:{health_port}"))
         api.append(_probe(f"http://127.0.0.1:{port}"))
+        flooder_cpu = cpu_by_process().get(flooder.pid, (flooder_cpu or (0.0, "")))  # its last reading
         time.sleep(0.02)
+    elapsed = time.monotonic() - started
+    after = cpu_by_process()
     result = json.loads(flooder.communicate()[0])
+    # Cores each process used during the flood (>= 0.05): which process is the bottleneck. A one-loop
+    # Python server tops out near 1.0 (its GIL); the flood client's share shows it is not the limit.
+    busy = sorted(((after[pid][0] - before[pid][0]) / elapsed, after[pid][1]) for pid in after if pid in before)
+    result["cores_by_process"] = {f"{name} ({pid_rank})": round(cores, 2) for pid_rank, (cores, name)
+                                  in enumerate(reversed(busy)) if cores >= 0.05}
+    result["flood_client_cores"] = round(flooder_cpu[0] / elapsed, 2) if flooder_cpu else None
     ok = lambda probes: [t for code, t in probes if code == 200]  # noqa: E731
     # Little's law: with CONCURRENCY requests always outstanding, a first-come-first-served server's
     # latency is concurrency / throughput, whatever each request costs the app

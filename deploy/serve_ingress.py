@@ -52,8 +52,9 @@ the proxy's environment (`proxy_gate_env`: the hook, MASKLET_API_TOKEN, MASKLET_
 as anywhere): token, and the caps on requests in flight and on SSE feeds, counted over everything
 that passes this proxy. Past them the proxy answers 503 + Retry-After itself, before routing the
 request to the replica (/health/live floods pass the proxy at 170-265 requests/s here). Body sizes
-stay with the app (its cap changes live). Side by side, one run, 200 outstanding overlay-PNG requests: the proxy's
-503s in 395 / 556 ms p50 with the gate, 1,199 / 1,150 ms without (bench/serve_overload_bench.py).
+stay with the app (its cap changes live). Side by side, 200 outstanding overlay-PNG requests: the
+proxy's 503s in 244-556 ms p50 with the gate, 1,006-1,199 ms without, in two runs of
+bench/serve_overload_bench.py (the proxy and the replica then use 0.7-0.9 cores each).
 Off with serve.proxy_gate: false (one proxy in front of several Masklet applications would count
 them together); without a token the proxy gets no gate. The app's guard stands behind it either way.
 """
