@@ -5,7 +5,9 @@ takes from the model, measured apart from any data path.
 
 1. Idle cost: `masklet run` (KafkaRunner, the tests' fake model, in-process actors) with no records
    flowing, per latency profile: cores used by the runner's process and by the broker (Tansu) over
-   15 s once the group has formed. Tansu holds an empty fetch for the whole `fetch_max_wait_ms`
+   15 s once the group has formed: `live` with its idle backoff off (its 20 ms fetch wait however
+   long the run is idle), then `live` and `throughput` once the backoff has set in
+   (`idle_after_s` without a record: `idle_fetch_max_wait_ms`). Tansu holds an empty fetch for the whole `fetch_max_wait_ms`
    and a record waits for the fetch in progress to end, so the live profile's short wait buys
    latency with polling.
 2. Contention: the same in-process LiveSession as bench/kafka_bench.py's baseline (1 stream at 2 fps,
@@ -18,6 +20,7 @@ takes from the model, measured apart from any data path.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -51,7 +54,7 @@ time.sleep(3600)
 '''
 
 
-def idle_cost(broker: EmbeddedBroker, profile: str, seconds: float = 15.0) -> dict:
+def idle_cost(broker: EmbeddedBroker, profile: str, backoff: bool, seconds: float = 15.0) -> dict:
     from masklet.actors.backend import InProcessBackend
     from masklet.pipeline.kafka.run import KafkaRunner
     from masklet.pipeline.live import LiveConfig
@@ -63,17 +66,19 @@ def idle_cost(broker: EmbeddedBroker, profile: str, seconds: float = 15.0) -> di
     settings = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, topics=topics, group_id=prefix,
                              live={"profile": profile})
     runner = KafkaRunner(settings, InProcessBackend(), kb.FAKE, LiveConfig(queue_capacity=2))
+    if not backoff:  # the profile's own fetch wait however long the run stays idle
+        runner.profile = dataclasses.replace(runner.profile, idle_after_s=float("inf"))
     stop = threading.Event()
     loop = threading.Thread(target=runner.run, args=(stop.is_set,), daemon=True)
     loop.start()
-    time.sleep(8)  # the group forms and the partitions are assigned
+    time.sleep(8 + (runner.profile.idle_after_s if backoff else 0))  # the group forms; the idle wait sets in
     me, tansu = os.getpid(), broker._process.pid  # noqa: SLF001
     (own0, _), (broker0, _) = process_cpu(me), process_cpu(tansu)
     time.sleep(seconds)
     (own1, _), (broker1, _) = process_cpu(me), process_cpu(tansu)
     stop.set()
     loop.join(60)
-    return {"fetch_max_wait_ms": PROFILES[profile].fetch_max_wait_ms,
+    return {"fetch_max_wait_ms": runner.fetch.fetch_wait_ms,
             "runner_process_cores": round((own1 - own0) / seconds, 3), "broker_cores": round((broker1 - broker0) / seconds, 3)}
 
 
@@ -116,7 +121,8 @@ def main() -> int:
     report = {"benchmark": "kafka_contention", "commit": commit,
               "machine": {**machine(), "load_average_at_start": [round(v, 2) for v in os.getloadavg()]}}
     with EmbeddedBroker(port=0) as broker:
-        report["idle_cost"] = {profile: idle_cost(broker, profile) for profile in ("live", "throughput")}
+        report["idle_cost"] = {f"{profile}{'' if backoff else ' (no idle backoff)'}": idle_cost(broker, profile, backoff)
+                               for profile, backoff in (("live", False), ("live", True), ("throughput", True))}
         print("idle cost:", report["idle_cost"], flush=True)
         report["contention"] = contention(broker, frames, args.pairs)
     print(json.dumps({k: v for k, v in report.items() if k != "machine"}, indent=1))

@@ -119,7 +119,7 @@ class KafkaRunner:
         self.reorder = FrameReorder(live.reorder_window_ms / 1000, live.reorder_window_frames, max_gap)
         self.rerouter = Rerouter(self.consumer, self.stats)
         self.intake = Intake(self)
-        self._last_commit = time.monotonic()
+        self._last_commit = self._last_record_at = time.monotonic()
         self.session.start()  # its own driver thread: model work never waits for a Kafka poll
 
     # -- loop -------------------------------------------------------------------------------
@@ -148,10 +148,11 @@ class KafkaRunner:
         capacity = self.session.config.queue_capacity
         if self.overload == "pause":
             self.fetch.pause_or_resume(full=self.intake.buffered() >= capacity)
-        self.fetch.set_fetch_wait(self.profile.busy_fetch_max_wait_ms if self._behind(capacity)
-                                  else self.profile.fetch_max_wait_ms)
+        self.fetch.set_fetch_wait(self._fetch_wait_ms(capacity))
         batch = self.consumer.poll(timeout_ms=self._poll_timeout_ms())
         records = [record for records in batch.values() for record in records]
+        if records:
+            self._last_record_at = time.monotonic()
         for record in records:  # prompts first: a frame of this batch must not overtake them
             if record.topic != self.settings.topics.frames:
                 self.intake.prompt_record(record)
@@ -171,6 +172,15 @@ class KafkaRunner:
         self._maybe_commit()
         self._update_lag()
         return bool(records or released or settled)
+
+    def _fetch_wait_ms(self, capacity: int) -> int:
+        """The broker's hold on our next fetches: short while live, longer while the session is behind
+        (`_behind`) and while the run is idle (no record for `idle_after_s`, nothing in flight)."""
+        if self._behind(capacity):
+            return self.profile.busy_fetch_max_wait_ms
+        if time.monotonic() - self._last_record_at > self.profile.idle_after_s and self._drained():
+            return max(self.profile.fetch_max_wait_ms, self.profile.idle_fetch_max_wait_ms)
+        return self.profile.fetch_max_wait_ms
 
     def _behind(self, capacity: int) -> bool:
         """A stream's queue is full, or it dropped a frame since the last look: the session, not the

@@ -1,6 +1,7 @@
-"""`masklet run` polls fast while it keeps up and slowly while its session is behind
+"""`masklet run` polls fast while it keeps up, slowly while its session is behind
 (`Profile.busy_fetch_max_wait_ms`): at the edge of a 2-core machine the live profile's 20 ms fetch
-waits took CPU the model needed (pipeline/kafka/README.md, "Latency").
+waits took CPU the model needed (pipeline/kafka/README.md, "Latency"), and slowly while idle
+(`Profile.idle_fetch_max_wait_ms`).
 
 The switch goes through kafka-python's fetcher config, which has no public setter; the first test
 pins down that kafka-python still builds every fetch request from it, so an upgrade that changes
@@ -110,5 +111,37 @@ def test_a_dropped_frame_counts_as_behind_even_when_the_queue_has_room_again(kaf
         assert runner.fetch.fetch_wait_ms == live.busy_fetch_max_wait_ms
         runner.step()  # no new drop, room in the queue
         assert runner.fetch.fetch_wait_ms == live.fetch_max_wait_ms
+    finally:
+        runner.close()
+
+
+def test_an_idle_run_polls_slowly_and_its_next_record_brings_the_live_wait_back(kafka_settings):
+    """No record for `idle_after_s` and nothing in flight: the fetch wait goes to the profile's idle
+    wait (an idle run polled 50 times a second at 20 ms: bench/kafka_contention.py); the first record
+    after the quiet spell brings the live wait back at the next step."""
+    import dataclasses
+
+    live = PROFILES["live"]
+    assert live.idle_fetch_max_wait_ms > live.fetch_max_wait_ms
+    publish(kafka_settings, "cam", 3)
+    runner = runner_for(kafka_settings, "fetch-wait-idle", queue_capacity=4)
+    runner.profile = dataclasses.replace(live, idle_after_s=2.0)
+    waits: list[int] = []
+    try:
+        deadline = time.monotonic() + 90
+        while not (runner.report.frames >= 3 and runner._drained()) and time.monotonic() < deadline:  # noqa: SLF001
+            runner.step()
+            waits.append(runner.fetch.fetch_wait_ms)
+        assert runner.report.frames == 3, runner.report.summary()
+        while runner.fetch.fetch_wait_ms != live.idle_fetch_max_wait_ms and time.monotonic() < deadline:
+            runner.step()
+        quiet_s = time.monotonic() - runner._last_record_at  # noqa: SLF001
+        assert runner.fetch.fetch_wait_ms == live.idle_fetch_max_wait_ms and quiet_s >= 2.0, (quiet_s, waits)
+        assert live.fetch_max_wait_ms in waits, waits  # the live wait while the frames came
+        publish(kafka_settings, "cam2", 1)
+        while runner.report.frames < 4 and time.monotonic() < deadline:
+            runner.step()
+        runner.step()
+        assert runner.report.frames == 4 and runner.fetch.fetch_wait_ms == live.fetch_max_wait_ms
     finally:
         runner.close()
