@@ -1,7 +1,7 @@
 """What limits Kafka's added live latency on the embedded broker (issue 11): the CPU its idle polling
 takes from the model, measured apart from any data path.
 
-    .venv/bin/python bench/kafka_contention.py [--pairs 3]   # writes bench/results/kafka_contention.json
+    .venv/bin/python bench/kafka_contention.py [--rounds 6]   # writes bench/results/kafka_contention.json
 
 1. Idle cost: `masklet run` (KafkaRunner, the tests' fake model, in-process actors) with no records
    flowing, per latency profile: cores used by the runner's process and by the broker (Tansu) over
@@ -14,8 +14,10 @@ takes from the model, measured apart from any data path.
    sam2.1_hiera_tiny random weights at 256 px on Ray actors, 24 frames of 01_dog.mp4), alone and
    beside Kafka's idle machinery only: the broker plus two consumers polling an empty topic with the
    live profile's fetch wait (as `masklet run`'s consumer and a masklets reader do), in a child
-   process. No record goes through Kafka, so any difference is CPU taken from the model. Alternating
-   pairs; medians.
+   process; and beside Kafka carrying one camera's traffic without the session (a 200 KB JPEG at
+   2 fps, consumed by a stand-in for `masklet run` that produces a 2 KB record for each, read by a
+   reader: `KAFKA_TRAFFIC`). No record of the session goes through Kafka, so any difference is CPU
+   taken from the model. Rotating order; medians, and each mode against "alone" of its round.
 """
 from __future__ import annotations
 
@@ -37,20 +39,52 @@ from bench_common import machine, process_cpu  # noqa: E402
 from masklet.actors.sources import open_source  # noqa: E402
 from masklet.pipeline.config import KafkaSettings, KafkaTopics  # noqa: E402
 from masklet.pipeline.kafka.broker import EmbeddedBroker  # noqa: E402
-from masklet.pipeline.kafka.client import PROFILES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 IDLE_CONSUMERS = r'''
 import sys, threading, time
 from kafka import KafkaConsumer
-boot, topic, wait_ms = sys.argv[1], sys.argv[2], int(sys.argv[3])
+from masklet.pipeline.config import KafkaSettings
+from masklet.pipeline.kafka.client import consumer_kwargs
+boot, topic = sys.argv[1], sys.argv[2]
+settings = KafkaSettings(bootstrap_servers=boot)  # Masklet's own client tuning, profile "live"
 def run(group):
-    consumer = KafkaConsumer(topic, bootstrap_servers=boot, group_id=group, fetch_max_wait_ms=wait_ms)
+    consumer = KafkaConsumer(topic, **consumer_kwargs(settings.model_copy(update={"group_id": group})))
     while True:
         consumer.poll(timeout_ms=50)
 for group in ("runner", "reader"):
     threading.Thread(target=run, args=(group,), daemon=True).start()
 time.sleep(3600)
+'''
+
+# Kafka's traffic of one 2-fps camera without the session: the camera (200 KB JPEGs at 2 fps) and
+# the masklets reader in one process, a stand-in for `masklet run` (consume each frame, produce a
+# 2 KB record) in another, each consumer with the live 20 ms fetch wait.
+KAFKA_TRAFFIC = r'''
+import sys, threading, time
+from kafka import KafkaConsumer, KafkaProducer
+from masklet.pipeline.config import KafkaSettings
+from masklet.pipeline.kafka.client import consumer_kwargs, producer_kwargs
+boot, role, jpeg_file = sys.argv[1], sys.argv[2], sys.argv[3]
+settings = KafkaSettings(bootstrap_servers=boot)  # Masklet's own client tuning, profile "live"
+def consume(topic, group, each=None):
+    consumer = KafkaConsumer(topic, **consumer_kwargs(settings.model_copy(update={"group_id": group})))
+    while True:
+        for batch in consumer.poll(timeout_ms=50).values():
+            for record in batch:
+                if each:
+                    each(record)
+producer = KafkaProducer(**producer_kwargs(settings))
+if role == "camera":
+    threading.Thread(target=consume, args=("contention.masklets", "reader"), daemon=True).start()
+    jpeg = open(jpeg_file, "rb").read()
+    start = time.monotonic()
+    for i in range(10**6):
+        time.sleep(max(0.0, start + i / 2.0 - time.monotonic()))
+        producer.send("contention.frames", jpeg, key=b"cam0")
+else:
+    record = b"{" + b"x" * 2000 + b"}"
+    consume("contention.frames", "runner", lambda r: producer.send("contention.masklets", record, key=b"cam0"))
 '''
 
 
@@ -82,37 +116,49 @@ def idle_cost(broker: EmbeddedBroker, profile: str, backoff: bool, seconds: floa
             "runner_process_cores": round((own1 - own0) / seconds, 3), "broker_cores": round((broker1 - broker0) / seconds, 3)}
 
 
-def contention(broker: EmbeddedBroker, frames: list, pairs: int) -> dict:
-    broker.create_topics(["contention.idle"])
-    runs: dict[str, list] = {"alone": [], "beside_idle_kafka": []}
-    for pair in range(pairs):
-        for mode in ("alone", "beside_idle_kafka") if pair % 2 == 0 else ("beside_idle_kafka", "alone"):
-            child = None
-            if mode == "beside_idle_kafka":
-                child = subprocess.Popen([sys.executable, "-c", IDLE_CONSUMERS, broker.bootstrap_servers, "contention.idle",
-                                          str(PROFILES["live"].fetch_max_wait_ms)])
-                time.sleep(5)  # the consumers join and start polling
+def contention(broker: EmbeddedBroker, frames: list, rounds: int) -> dict:
+    """The in-process session alone, beside idle Kafka polling, and beside Kafka carrying one camera's
+    traffic (`KAFKA_TRAFFIC`), in rotating order, `rounds` times each."""
+    import tempfile
+
+    from masklet.pipeline.kafka.codec import encode_jpeg
+
+    broker.create_topics(["contention.idle", "contention.frames", "contention.masklets"])
+    jpeg = Path(tempfile.mkdtemp(prefix="masklet-contention-")) / "frame.jpg"
+    jpeg.write_bytes(encode_jpeg(frames[0]))
+    beside = {"alone": [],
+              "beside_idle_kafka": [[sys.executable, "-c", IDLE_CONSUMERS, broker.bootstrap_servers, "contention.idle"]],
+              "beside_kafka_traffic": [[sys.executable, "-c", KAFKA_TRAFFIC, broker.bootstrap_servers, role, str(jpeg)]
+                                       for role in ("runner", "camera")]}
+    modes = list(beside)
+    runs: dict[str, list] = {mode: [] for mode in modes}
+    for rnd in range(rounds):
+        for mode in modes[rnd % len(modes):] + modes[:rnd % len(modes)]:
+            children = [subprocess.Popen(cmd) for cmd in beside[mode]]
+            if children:
+                time.sleep(6)  # the consumers join and start polling
             try:
                 result = kb.InProcess().trial(frames, 2.0, ["cam0"])
             finally:
-                if child is not None:
+                for child in children:
                     child.kill()
                     child.wait()
             runs[mode].append(result)
-            print(f"  pair {pair} {mode}: {result}", flush=True)
-    summary = {mode: {"p50_ms": round(statistics.median(r["p50_ms"] for r in results), 1),
-                      "p99_ms": round(statistics.median(r["p99_ms"] for r in results), 1), "trials": results}
-               for mode, results in runs.items()}
-    summary["added_p50_ms_per_pair"] = [round(b["p50_ms"] - a["p50_ms"], 1)
-                                        for a, b in zip(runs["alone"], runs["beside_idle_kafka"])]
-    summary["added_p99_ms_per_pair"] = [round(b["p99_ms"] - a["p99_ms"], 1)
-                                        for a, b in zip(runs["alone"], runs["beside_idle_kafka"])]
+            print(f"  round {rnd} {mode}: {result}", flush=True)
+    summary: dict = {mode: {"p50_ms": round(statistics.median(r["p50_ms"] for r in results), 1),
+                            "p99_ms": round(statistics.median(r["p99_ms"] for r in results), 1), "trials": results}
+                     for mode, results in runs.items()}
+    for mode in modes[1:]:  # against "alone" of the same round
+        summary[f"{mode}_added_p50_ms_per_round"] = [round(b["p50_ms"] - a["p50_ms"], 1)
+                                                     for a, b in zip(runs["alone"], runs[mode])]
+        summary[f"{mode}_added_p99_ms_per_round"] = [round(b["p99_ms"] - a["p99_ms"], 1)
+                                                     for a, b in zip(runs["alone"], runs[mode])]
     return summary
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=6, help="rounds of the three contention modes")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kafka_contention.json")
     args = parser.parse_args()
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
@@ -124,7 +170,7 @@ def main() -> int:
         report["idle_cost"] = {f"{profile}{'' if backoff else ' (no idle backoff)'}": idle_cost(broker, profile, backoff)
                                for profile, backoff in (("live", False), ("live", True), ("throughput", True))}
         print("idle cost:", report["idle_cost"], flush=True)
-        report["contention"] = contention(broker, frames, args.pairs)
+        report["contention"] = contention(broker, frames, args.rounds)
     print(json.dumps({k: v for k, v in report.items() if k != "machine"}, indent=1))
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out}", file=sys.stderr)
