@@ -38,8 +38,8 @@ class Profile:
     commit_interval_s: float    # how often `masklet run` commits settled offsets
     poll_timeout_ms: int        # the runner's consumer.poll timeout (it returns early on records)
     # ...once no record has come for `idle_after_s` and nothing is in flight: an idle `masklet run`
-    # polled 50 times a second at `live`'s 20 ms, 0.13 cores in its process and 0.06 in the broker
-    # (bench/kafka_contention.py); at 500 ms, 0.02 and 0.01. The first record after a quiet spell
+    # polled 50 times a second at `live`'s 20 ms, 0.09-0.13 cores in its process and 0.04-0.06 in the
+    # broker (bench/kafka_contention.py); at 500 ms, 0.013 and 0.007. The first record after a quiet spell
     # then waits up to this long once; the next fetch is short again.
     idle_fetch_max_wait_ms: int = 500
     idle_after_s: float = 10.0
