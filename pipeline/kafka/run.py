@@ -151,8 +151,6 @@ class KafkaRunner:
         self.fetch.set_fetch_wait(self._fetch_wait_ms(capacity))
         batch = self.consumer.poll(timeout_ms=self._poll_timeout_ms())
         records = [record for records in batch.values() for record in records]
-        if records:
-            self._last_record_at = time.monotonic()
         for record in records:  # prompts first: a frame of this batch must not overtake them
             if record.topic != self.settings.topics.frames:
                 self.intake.prompt_record(record)
@@ -171,6 +169,8 @@ class KafkaRunner:
         self.intake.expire_held_prompts()
         self._maybe_commit()
         self._update_lag()
+        if records:  # after handling them: a slow step (a stream's resume scan) is not idle time
+            self._last_record_at = time.monotonic()
         return bool(records or released or settled)
 
     def _fetch_wait_ms(self, capacity: int) -> int:
