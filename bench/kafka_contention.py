@@ -16,7 +16,7 @@ takes from the model, measured apart from any data path.
    live profile's fetch wait (as `masklet run`'s consumer and a masklets reader do), in a child
    process; and beside Kafka carrying one camera's traffic without the session (a 200 KB JPEG at
    2 fps, consumed by a stand-in for `masklet run` that produces a 2 KB record for each, read by a
-   reader: `KAFKA_TRAFFIC`). No record of the session goes through Kafka, so any difference is CPU
+   reader: `KAFKA_CLIENTS`). No record of the session goes through Kafka, so any difference is CPU
    taken from the model. Rotating order; medians, and each mode against "alone" of its round.
 """
 from __future__ import annotations
@@ -41,26 +41,11 @@ from masklet.pipeline.config import KafkaSettings, KafkaTopics  # noqa: E402
 from masklet.pipeline.kafka.broker import EmbeddedBroker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-IDLE_CONSUMERS = r'''
-import sys, threading, time
-from kafka import KafkaConsumer
-from masklet.pipeline.config import KafkaSettings
-from masklet.pipeline.kafka.client import consumer_kwargs
-boot, topic = sys.argv[1], sys.argv[2]
-settings = KafkaSettings(bootstrap_servers=boot)  # Masklet's own client tuning, profile "live"
-def run(group):
-    consumer = KafkaConsumer(topic, **consumer_kwargs(settings.model_copy(update={"group_id": group})))
-    while True:
-        consumer.poll(timeout_ms=50)
-for group in ("runner", "reader"):
-    threading.Thread(target=run, args=(group,), daemon=True).start()
-time.sleep(3600)
-'''
-
-# Kafka's traffic of one 2-fps camera without the session: the camera (200 KB JPEGs at 2 fps) and
-# the masklets reader in one process, a stand-in for `masklet run` (consume each frame, produce a
-# 2 KB record) in another, each consumer with the live 20 ms fetch wait.
-KAFKA_TRAFFIC = r'''
+# Kafka's clients without the session, each consumer with Masklet's settings (live: 20 ms fetch wait).
+# "idle": two consumers (as `masklet run`'s and a masklets reader) polling an empty topic. One 2-fps
+# camera's traffic: "camera" (200 KB JPEGs at 2 fps, and the masklets reader) in one process,
+# "runner" (a stand-in for `masklet run`: consume each frame, produce a 2 KB record) in another.
+KAFKA_CLIENTS = r'''
 import sys, threading, time
 from kafka import KafkaConsumer, KafkaProducer
 from masklet.pipeline.config import KafkaSettings
@@ -74,6 +59,10 @@ def consume(topic, group, each=None):
             for record in batch:
                 if each:
                     each(record)
+if role == "idle":
+    for group in ("runner", "reader"):
+        threading.Thread(target=consume, args=("contention.idle", group), daemon=True).start()
+    time.sleep(3600)
 producer = KafkaProducer(**producer_kwargs(settings))
 if role == "camera":
     threading.Thread(target=consume, args=("contention.masklets", "reader"), daemon=True).start()
@@ -118,7 +107,7 @@ def idle_cost(broker: EmbeddedBroker, profile: str, backoff: bool, seconds: floa
 
 def contention(broker: EmbeddedBroker, frames: list, rounds: int) -> dict:
     """The in-process session alone, beside idle Kafka polling, and beside Kafka carrying one camera's
-    traffic (`KAFKA_TRAFFIC`), in rotating order, `rounds` times each."""
+    traffic (`KAFKA_CLIENTS`), in rotating order, `rounds` times each."""
     import tempfile
 
     from masklet.pipeline.kafka.codec import encode_jpeg
@@ -127,14 +116,13 @@ def contention(broker: EmbeddedBroker, frames: list, rounds: int) -> dict:
     jpeg = Path(tempfile.mkdtemp(prefix="masklet-contention-")) / "frame.jpg"
     jpeg.write_bytes(encode_jpeg(frames[0]))
     beside = {"alone": [],
-              "beside_idle_kafka": [[sys.executable, "-c", IDLE_CONSUMERS, broker.bootstrap_servers, "contention.idle"]],
-              "beside_kafka_traffic": [[sys.executable, "-c", KAFKA_TRAFFIC, broker.bootstrap_servers, role, str(jpeg)]
-                                       for role in ("runner", "camera")]}
+              "beside_idle_kafka": ["idle"], "beside_kafka_traffic": ["runner", "camera"]}  # KAFKA_CLIENTS roles
     modes = list(beside)
     runs: dict[str, list] = {mode: [] for mode in modes}
     for rnd in range(rounds):
         for mode in modes[rnd % len(modes):] + modes[:rnd % len(modes)]:
-            children = [subprocess.Popen(cmd) for cmd in beside[mode]]
+            children = [subprocess.Popen([sys.executable, "-c", KAFKA_CLIENTS, broker.bootstrap_servers, role, str(jpeg)])
+                        for role in beside[mode]]
             if children:
                 time.sleep(6)  # the consumers join and start polling
             try:

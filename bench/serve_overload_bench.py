@@ -31,7 +31,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from bench_common import cpu_by_process, machine, percentile_ms  # noqa: E402
+from bench_common import cpu_by_process, machine, percentile_ms, process_cpu  # noqa: E402
 
 TOKEN = "bench-token-0123456789"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
@@ -83,7 +83,7 @@ def flood(port: int, health_port: int, path: str) -> dict:
     while flooder.poll() is None:
         listener.append(_probe(f"http://127.0.0.1:{health_port}"))
         api.append(_probe(f"http://127.0.0.1:{port}"))
-        flooder_cpu = cpu_by_process().get(flooder.pid, (flooder_cpu or (0.0, "")))  # its last reading
+        flooder_cpu = process_cpu(flooder.pid) or flooder_cpu  # its last reading before it exits
         time.sleep(0.02)
     elapsed = time.monotonic() - started
     after = cpu_by_process()

@@ -119,7 +119,7 @@ class GuardMiddleware:
         declared = headers.get("content-length")
         cap = self.limits.max_body_bytes
         if cap is not None and declared is not None and (not declared.isdigit() or int(declared) > cap):
-            await send_json_error(send, 413, f"request body over the {self.limits.max_body_bytes}-byte limit")
+            await send_json_error(send, 413, f"request body over the {cap}-byte limit")
             return
         self._count(kind, +1)
         try:
