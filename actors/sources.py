@@ -128,7 +128,11 @@ def _display_transform(rgb: np.ndarray, rotation: int, matrix: Optional[np.ndarr
 
 
 def _display_matrix(frame: av.VideoFrame) -> Optional[np.ndarray]:
-    for side_data in frame.side_data:
+    container = frame.side_data
+    for item in container:
+        # Iterating gives the entries up to PyAV 18.1.0 (whose values() raises) and the entries'
+        # types, as a mapping's keys, from 18.1.1 on.
+        side_data = item if hasattr(item, "type") else container[item]
         if str(side_data.type).endswith("DISPLAYMATRIX"):
             return np.frombuffer(bytes(side_data), dtype="<i4")[:9]
     return None
