@@ -17,19 +17,25 @@ TORCH_REQUIREMENT ?= $(if $(TORCH_WHEEL),$(TORCH_WHEEL),torch==$(TORCH_VERSION))
 MASKLET_TEST_VIDEOS ?= $(abspath ../shared/videos)
 export MASKLET_TEST_VIDEOS
 
-.PHONY: venv test demo bench bench-gpu clean-venv
+.PHONY: venv test demo bench bench-gpu clean-venv constraints
 
 venv: $(STAMP)
 
 # The last install is the reference implementation (sam2==1.1.0), the oracle for parity tests
 # only; --no-deps keeps its pins from touching the CPU torch, and it is never a runtime dependency.
-$(STAMP): pyproject.toml
+# constraints.txt holds every other package at the version the suite last passed with.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV_PIP) install --upgrade pip
 	$(VENV_PIP) install "$(TORCH_REQUIREMENT)"
-	$(VENV_PIP) install -e '.[test]'
-	SAM2_BUILD_CUDA=0 $(VENV_PIP) install --no-deps --no-build-isolation sam2==1.1.0 hydra-core iopath
+	$(VENV_PIP) install -c constraints.txt -e '.[test]'
+	SAM2_BUILD_CUDA=0 $(VENV_PIP) install -c constraints.txt --no-deps --no-build-isolation sam2==1.1.0 hydra-core iopath
 	touch $(STAMP)
+
+# Records what .venv holds now as the versions to build with (after `make test` passed on them).
+constraints: $(STAMP)
+	{ grep '^#' constraints.txt; $(VENV_PIP) freeze --exclude-editable | grep -iv '^torch @\|^masklet'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 test: $(STAMP)
 	$(VENV_PY) -m pytest tests
