@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -16,6 +17,12 @@ def clips() -> list[Path]:
     if not found:
         raise SystemExit(f"no clips in {folder}; set MASKLET_TEST_VIDEOS")
     return found
+
+
+def git_commit() -> str:
+    """The short commit the benchmark ran on (its JSON names it)."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1]).stdout.strip()
 
 
 def machine() -> dict:

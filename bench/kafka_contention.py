@@ -35,7 +35,7 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import kafka_bench as kb  # noqa: E402
-from bench_common import machine, process_cpu  # noqa: E402
+from bench_common import git_commit, machine, process_cpu  # noqa: E402
 from masklet.actors.sources import open_source  # noqa: E402
 from masklet.pipeline.config import KafkaSettings, KafkaTopics  # noqa: E402
 from masklet.pipeline.kafka.broker import EmbeddedBroker  # noqa: E402
@@ -149,10 +149,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=6, help="rounds of the three contention modes")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "kafka_contention.json")
     args = parser.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
     with open_source(str(kb.VIDEOS / "01_dog.mp4"), max_frames=24) as source:
         frames = [f.rgb for f in source.frames()]
-    report = {"benchmark": "kafka_contention", "commit": commit,
+    report = {"benchmark": "kafka_contention", "commit": git_commit(),
               "machine": {**machine(), "load_average_at_start": [round(v, 2) for v in os.getloadavg()]}}
     with EmbeddedBroker(port=0) as broker:
         report["idle_cost"] = {f"{profile}{'' if backoff else ' (no idle backoff)'}": idle_cost(broker, profile, backoff)

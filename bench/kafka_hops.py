@@ -1,14 +1,16 @@
 """Where Kafka's added live latency goes (issue 11): each hop timed per frame, beside the same session
 in-process, with the CPU every process used.
 
-    .venv/bin/python bench/kafka_hops.py [--fps 2] [--frames 40] [--repeats 3]   # writes bench/results/kafka_hops.json
+    .venv/bin/python bench/kafka_hops.py [--fps 2] [--frames 40] [--repeats 3] [--streams 1] [--profiles live]
+                                         [--out bench/results/kafka_hops.json]
 
-One stream, sam2.1_hiera_tiny (random weights) at 256 px on Ray actors, one object, real 720p JPEGs
+`--streams` cameras (default one; frames of every stream sent at the same instants), sam2.1_hiera_tiny (random weights) at 256 px on Ray actors, one object, real 720p JPEGs
 of ../shared/videos/01_dog.mp4, as bench/kafka_bench.py runs its live paths (same camera and reader
 child process, profile "live"). Per frame, on one clock (perf_counter is CLOCK_MONOTONIC, shared by
 the processes of this machine):
   in_process:  submit -> output                          (LiveSession alone)
-  kafka:       send -> submit    (producer, broker, the runner's consumer and intake)
+  kafka_<profile> (`--profiles`, each a `kafka.live.profile`):
+               send -> submit    (producer, broker, the runner's consumer and intake)
                submit -> publish (the session, then the runner's publisher thread hands it to the producer)
                publish -> arrival (producer, broker, the reader's consumer)
 The paths alternate, `--repeats` times each. CPU seconds per process name over each trial (from
@@ -27,7 +29,7 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import kafka_bench as kb  # noqa: E402
-from bench_common import cpu_by_process, machine, percentile_ms  # noqa: E402
+from bench_common import cpu_by_process, git_commit, machine, percentile_ms  # noqa: E402
 from masklet.actors.sources import open_source  # noqa: E402
 from masklet.pipeline.config import KafkaSettings, KafkaTopics  # noqa: E402
 from masklet.pipeline.kafka.broker import EmbeddedBroker  # noqa: E402
@@ -42,7 +44,7 @@ def cpu_used(before: dict, after: dict) -> dict[str, float]:
     return {name: round(s, 2) for name, s in sorted(used.items(), key=lambda kv: -kv[1]) if s >= 0.05}
 
 
-def in_process(jpegs: list, fps: float) -> dict:
+def in_process(jpegs: list, fps: float, streams: list[str]) -> dict:
     from masklet.actors.messages import PromptMessage
     from masklet.actors.payloads import EncodedImage
     from masklet.pipeline.live import LiveConfig, LiveSession
@@ -51,42 +53,47 @@ def in_process(jpegs: list, fps: float) -> dict:
 
     def on_output(out) -> None:
         if out.record is not None and out.record.revision == 0:
-            latency[out.record.frame_idx] = time.perf_counter() - sent[out.record.frame_idx]
+            key = (out.record.stream_id, out.record.frame_idx)
+            latency[key] = time.perf_counter() - sent[key]
 
     session = LiveSession(kb.backend(), kb.TINY, LiveConfig(queue_capacity=2), on_output=on_output)
-    session.open_stream("cam0", 1280, 720)
-    session.submit_prompt(PromptMessage(stream_id="cam0", object_id=1, frame_idx=0, action="add", box=kb._box(1280, 720)))
+    for sid in streams:
+        session.open_stream(sid, 1280, 720)
+        session.submit_prompt(PromptMessage(stream_id=sid, object_id=1, frame_idx=0, action="add", box=kb._box(1280, 720)))
     session.start()
     encoded = [EncodedImage(j, "image/jpeg", 1280, 720) for j in jpegs]
-    sent[0] = time.perf_counter()
-    session.submit_frame("cam0", 0, 0.0, encoded[0])  # warms the actors up; not timed (as for Kafka)
+    for sid in streams:  # frame 0 warms the actors up; not timed (as for Kafka)
+        sent[(sid, 0)] = time.perf_counter()
+        session.submit_frame(sid, 0, 0.0, encoded[0])
     deadline = time.monotonic() + 180
-    while 0 not in latency and time.monotonic() < deadline:
+    while not all((sid, 0) in latency for sid in streams) and time.monotonic() < deadline:
         time.sleep(0.01)
 
-    def send(_: str, i: int) -> None:
-        sent[i] = time.perf_counter()
-        session.submit_frame("cam0", i, i / fps, encoded[i])
+    def send(sid: str, i: int) -> None:
+        sent[(sid, i)] = time.perf_counter()
+        session.submit_frame(sid, i, i / fps, encoded[i])
 
-    kb._paced(len(jpegs), fps, ["cam0"], lambda sid, i: i and send(sid, i))
+    kb._paced(len(jpegs), fps, streams, lambda sid, i: i and send(sid, i))
     deadline = time.monotonic() + 120
-    while len(jpegs) - 1 not in latency and time.monotonic() < deadline:
+    while not all((sid, len(jpegs) - 1) in latency for sid in streams) and time.monotonic() < deadline:
         time.sleep(0.02)
+    batches = session.encoder_batch_sizes()
     session.shutdown()
-    timed = [latency[i] for i in range(1, len(jpegs)) if i in latency]
-    return {"frames": len(timed), "submit_to_output_p50_ms": percentile_ms(timed, 0.5), "submit_to_output_p99_ms": percentile_ms(timed, 0.99)}
+    timed = [latency[(sid, i)] for sid in streams for i in range(1, len(jpegs)) if (sid, i) in latency]
+    return {"frames": len(timed), "submit_to_output_p50_ms": percentile_ms(timed, 0.5), "submit_to_output_p99_ms": percentile_ms(timed, 0.99),
+            "encoder_batches": batches}
 
 
-def through_kafka(broker: EmbeddedBroker, frames: int, fps: float, trial: int) -> dict:
+def through_kafka(broker: EmbeddedBroker, frames: int, fps: float, trial: int, streams: list[str], profile: str) -> dict:
     from masklet.pipeline.kafka.run import KafkaRunner
     from masklet.pipeline.live import LiveConfig
 
-    prefix = f"hops-{trial}-{int(time.time())}"
+    prefix = f"hops-{profile}-{trial}-{int(time.time())}"
     topics = KafkaTopics(frames=f"{prefix}.frames", prompts=f"{prefix}.prompts", masklets=f"{prefix}.masklets",
                          deadletter=f"{prefix}.deadletter")
     broker.create_topics([topics.frames, topics.prompts, topics.masklets, topics.deadletter])
     settings = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, topics=topics, group_id=prefix,
-                             live={"profile": "live"})
+                             live={"profile": profile})
     submitted, published = {}, {}
 
     def on_published(out) -> None:  # the runner's publisher thread, once the record is handed to the producer
@@ -103,13 +110,17 @@ def through_kafka(broker: EmbeddedBroker, frames: int, fps: float, trial: int) -
 
     runner.session.submit_frame = timed_submit  # the intake looks it up on the session at every frame
     raw = kb.run_with_client(runner, {"bootstrap": broker.bootstrap_servers, "topics": topics.model_dump(),
-                                      "profile": "live", "fps": fps, "frames": frames, "streams": ["cam0"], "raw": True})
+                                      "profile": profile, "fps": fps, "frames": frames, "streams": streams, "raw": True})
+    try:  # frames per encoder pass (a frame arriving alone is encoded alone)
+        batches = runner.session.encoder_batch_sizes()
+    except Exception as exc:  # noqa: BLE001 - the runner has shut its session down
+        batches = {"unavailable": repr(exc)}
     keys = [k for k in raw["sent"] if k in submitted and k in published]
     hops = {"end_to_end": [raw["arrived"][k] - raw["sent"][k] for k in keys],
             "send_to_submit": [submitted[k] - raw["sent"][k] for k in keys],
             "submit_to_publish": [published[k] - submitted[k] for k in keys],
             "publish_to_arrival": [raw["arrived"][k] - published[k] for k in keys]}
-    return {"frames": len(keys), "dropped": raw["dropped"],
+    return {"frames": len(keys), "dropped": raw["dropped"], "encoder_batches": batches,
             **{f"{hop}_{q}_ms": percentile_ms(values, p) for hop, values in hops.items() for q, p in (("p50", 0.5), ("p99", 0.99))},
             "send_to_submit_max_ms": percentile_ms(hops["send_to_submit"], 1.0),
             "publish_to_arrival_max_ms": percentile_ms(hops["publish_to_arrival"], 1.0)}
@@ -120,18 +131,24 @@ def main() -> int:
     parser.add_argument("--fps", type=float, default=2.0)
     parser.add_argument("--frames", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--streams", type=int, default=1, help="cameras, each at --fps")
+    parser.add_argument("--profiles", default="live", help="kafka.live.profile values to measure, comma-separated")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "kafka_hops.json"))
     args = parser.parse_args()
 
     with open_source(str(kb.VIDEOS / "01_dog.mp4"), max_frames=args.frames) as source:
         jpegs = [kb.encode_jpeg(frame.rgb) for frame in source.frames()]
-    trials: dict[str, list] = {"in_process": [], "kafka": []}
+    streams = [f"cam{i}" for i in range(args.streams)]
+    profiles = [p.strip() for p in args.profiles.split(",") if p.strip()]
+    paths = ["in_process"] + [f"kafka_{p}" for p in profiles]
+    trials: dict[str, list] = {path: [] for path in paths}
     with EmbeddedBroker(port=0) as broker:
         for repeat in range(args.repeats):
-            order = ("in_process", "kafka") if repeat % 2 == 0 else ("kafka", "in_process")
+            order = paths[repeat % len(paths):] + paths[:repeat % len(paths)]  # rotate: each path in every position
             for path in order:
                 before = cpu_by_process()
-                result = in_process(jpegs, args.fps) if path == "in_process" else through_kafka(broker, args.frames, args.fps, repeat)
+                result = (in_process(jpegs, args.fps, streams) if path == "in_process" else
+                          through_kafka(broker, args.frames, args.fps, repeat, streams, path.removeprefix("kafka_")))
                 result["cpu_s"] = cpu_used(before, cpu_by_process())
                 trials[path].append(result)
                 print(f"{path} repeat {repeat}: {result}", flush=True)
@@ -139,14 +156,16 @@ def main() -> int:
     def median(path: str, key: str) -> float:
         return round(statistics.median(t[key] for t in trials[path]), 1)
 
-    kafka_keys = [k for k in trials["kafka"][0] if k.endswith("_ms")]
-    summary = {"in_process": {k: median("in_process", k) for k in ("submit_to_output_p50_ms", "submit_to_output_p99_ms")},
-               "kafka": {k: median("kafka", k) for k in kafka_keys}}
-    summary["kafka_hops_p50_ms"] = round(summary["kafka"]["send_to_submit_p50_ms"] + summary["kafka"]["publish_to_arrival_p50_ms"], 1)
-    summary["session_slower_beside_kafka_p50_ms"] = round(summary["kafka"]["submit_to_publish_p50_ms"]
-                                                          - summary["in_process"]["submit_to_output_p50_ms"], 1)
+    summary: dict = {"in_process": {k: median("in_process", k) for k in ("submit_to_output_p50_ms", "submit_to_output_p99_ms")}}
+    for path in paths[1:]:
+        kafka = summary[path] = {k: median(path, k) for k in trials[path][0] if k.endswith("_ms")}
+        kafka["kafka_hops_p50_ms"] = round(kafka["send_to_submit_p50_ms"] + kafka["publish_to_arrival_p50_ms"], 1)
+        kafka["session_slower_beside_kafka_p50_ms"] = round(kafka["submit_to_publish_p50_ms"]
+                                                            - summary["in_process"]["submit_to_output_p50_ms"], 1)
+        kafka["added_p50_ms"] = round(kafka["end_to_end_p50_ms"] - summary["in_process"]["submit_to_output_p50_ms"], 1)
     report = {"benchmark": "kafka_hops", "fps": args.fps, "frames": args.frames, "repeats": args.repeats,
-              "model": "sam2.1_hiera_tiny random weights, 256 px, cpu, ray actors, 1 stream, 1 object",
+              "streams": args.streams, "profiles": profiles, "commit": git_commit(),
+              "model": f"sam2.1_hiera_tiny random weights, 256 px, cpu, ray actors, {args.streams} stream(s), 1 object each",
               "summary": summary, "trials": trials, "machine": machine()}
     print(json.dumps(summary, indent=1))
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
