@@ -225,6 +225,15 @@ def run_with_client(runner, spec: dict) -> dict:
     return json.loads(client.stdout.strip().splitlines()[-1])
 
 
+def override_fetch_wait(profile: str, wait_ms: int) -> None:
+    """Measure `profile` with another fetch wait (an experiment, in this process only)."""
+    import dataclasses
+
+    from masklet.pipeline.kafka import client
+
+    client.PROFILES[profile] = dataclasses.replace(client.PROFILES[profile], fetch_max_wait_ms=wait_ms)
+
+
 def _client(spec: dict) -> int:
     """The child process: prompts, frame 0 of every stream as a warm-up (group join, stream opening and
     actors are not measured), then frames 1.. at `fps` per stream; prints the latency of every first
@@ -234,6 +243,8 @@ def _client(spec: dict) -> int:
     from masklet.actors.messages import MaskletRecord, PromptMessage
     from masklet.pipeline.kafka.client import consumer_kwargs, topic_partitions
 
+    if spec.get("fetch_max_wait_ms"):  # bench/kafka_hops.py's "live@MS": the profile with another fetch wait
+        override_fetch_wait(spec["profile"], spec["fetch_max_wait_ms"])
     settings = KafkaSettings(bootstrap_servers=spec["bootstrap"], topics=KafkaTopics(**spec["topics"]),
                              live={"profile": spec["profile"]})
     topics, fps, streams = settings.topics, spec["fps"], spec["streams"]

@@ -9,7 +9,8 @@ of ../shared/videos/01_dog.mp4, as bench/kafka_bench.py runs its live paths (sam
 child process, profile "live"). Per frame, on one clock (perf_counter is CLOCK_MONOTONIC, shared by
 the processes of this machine):
   in_process:  submit -> output                          (LiveSession alone)
-  kafka_<profile> (`--profiles`, each a `kafka.live.profile`):
+  kafka_<profile> (`--profiles`, each a `kafka.live.profile`, or PROFILE@MS: that profile with a fetch
+               wait of MS ms, an experiment):
                send -> submit    (producer, broker, the runner's consumer and intake)
                submit -> publish (the session, then the runner's publisher thread hands it to the producer)
                publish -> arrival (producer, broker, the reader's consumer)
@@ -84,7 +85,24 @@ def in_process(jpegs: list, fps: float, streams: list[str]) -> dict:
             "encoder_batches": batches}
 
 
-def through_kafka(broker: EmbeddedBroker, frames: int, fps: float, trial: int, streams: list[str], profile: str) -> dict:
+def through_kafka(broker: EmbeddedBroker, frames: int, fps: float, trial: int, streams: list[str], path: str) -> dict:
+    """`path`: a `kafka.live.profile`, or "PROFILE@MS", that profile with a fetch wait of MS (an experiment)."""
+    from masklet.pipeline.kafka import client
+    from masklet.pipeline.kafka.run import KafkaRunner
+    from masklet.pipeline.live import LiveConfig
+
+    profile, _, wait = path.partition("@")
+    saved = client.PROFILES[profile]
+    if wait:
+        kb.override_fetch_wait(profile, int(wait))
+    try:
+        return _through_kafka(broker, frames, fps, trial, streams, profile, int(wait or 0))
+    finally:
+        client.PROFILES[profile] = saved
+
+
+def _through_kafka(broker: EmbeddedBroker, frames: int, fps: float, trial: int, streams: list[str], profile: str,
+                   wait_ms: int) -> dict:
     from masklet.pipeline.kafka.run import KafkaRunner
     from masklet.pipeline.live import LiveConfig
 
@@ -109,12 +127,17 @@ def through_kafka(broker: EmbeddedBroker, frames: int, fps: float, trial: int, s
         return submit_frame(stream_id, frame_idx, *args, **kwargs)
 
     runner.session.submit_frame = timed_submit  # the intake looks it up on the session at every frame
+    batches: dict = {}
+    shutdown = runner.session.shutdown
+
+    def counted_shutdown(*args, **kwargs):  # the runner shuts its session down as it stops: count first
+        batches.update(runner.session.encoder_batch_sizes())
+        return shutdown(*args, **kwargs)
+
+    runner.session.shutdown = counted_shutdown
     raw = kb.run_with_client(runner, {"bootstrap": broker.bootstrap_servers, "topics": topics.model_dump(),
-                                      "profile": profile, "fps": fps, "frames": frames, "streams": streams, "raw": True})
-    try:  # frames per encoder pass (a frame arriving alone is encoded alone)
-        batches = runner.session.encoder_batch_sizes()
-    except Exception as exc:  # noqa: BLE001 - the runner has shut its session down
-        batches = {"unavailable": repr(exc)}
+                                      "profile": profile, "fps": fps, "frames": frames, "streams": streams, "raw": True,
+                                      "fetch_max_wait_ms": wait_ms})
     keys = [k for k in raw["sent"] if k in submitted and k in published]
     hops = {"end_to_end": [raw["arrived"][k] - raw["sent"][k] for k in keys],
             "send_to_submit": [submitted[k] - raw["sent"][k] for k in keys],
@@ -132,7 +155,8 @@ def main() -> int:
     parser.add_argument("--frames", type=int, default=40)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--streams", type=int, default=1, help="cameras, each at --fps")
-    parser.add_argument("--profiles", default="live", help="kafka.live.profile values to measure, comma-separated")
+    parser.add_argument("--profiles", default="live",
+                        help="kafka.live.profile values to measure, comma-separated; PROFILE@MS: with a fetch wait of MS")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "kafka_hops.json"))
     args = parser.parse_args()
 
