@@ -5,10 +5,10 @@ takes from the model, measured apart from any data path.
 
 1. Idle cost: `masklet run` (KafkaRunner, the tests' fake model, in-process actors) with no records
    flowing, per latency profile: cores used by the runner's process and by the broker (Tansu) over
-   15 s once the group has formed: `live` with its idle backoff off (its 20 ms fetch wait however
-   long the run is idle), then `live` and `throughput` once the backoff has set in
+   15 s once the group has formed: `live` with its idle backoff off (its fetch wait, 50 ms since
+   2026-12-07 and 20 ms in the committed results, however long the run is idle), then `live` and `throughput` once the backoff has set in
    (`idle_after_s` without a record: `idle_fetch_max_wait_ms`). Tansu holds an empty fetch for the whole `fetch_max_wait_ms`
-   and a record waits for the fetch in progress to end, so the live profile's short wait buys
+   and a record waits for part of the fetch in progress, so the live profile's short wait buys
    latency with polling.
 2. Contention: the same in-process LiveSession as bench/kafka_bench.py's baseline (1 stream at 2 fps,
    sam2.1_hiera_tiny random weights at 256 px on Ray actors, 24 frames of 01_dog.mp4), alone and
@@ -41,7 +41,8 @@ from masklet.pipeline.config import KafkaSettings, KafkaTopics  # noqa: E402
 from masklet.pipeline.kafka.broker import EmbeddedBroker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-# Kafka's clients without the session, each consumer with Masklet's settings (live: 20 ms fetch wait).
+# Kafka's clients without the session, each consumer with Masklet's settings (the live profile's fetch wait:
+# 50 ms since 2026-12-07, 20 ms in bench/results/kafka_contention.json).
 # "idle": two consumers (as `masklet run`'s and a masklets reader) polling an empty topic. One 2-fps
 # camera's traffic: "camera" (200 KB JPEGs at 2 fps, and the masklets reader) in one process,
 # "runner" (a stand-in for `masklet run`: consume each frame, produce a 2 KB record) in another.

@@ -169,9 +169,9 @@ class ResumeSettings(_Section):
 class KafkaLiveSettings(_Section):
     """`masklet run` on live streams: latency profile, cross-topic order, reordering (pipeline/kafka/README.md)."""
 
-    # live: small fetch waits, no linger, frequent commits (each Kafka hop adds ~10-20 ms, polling
-    # costs ~20% of a core while idle); throughput: the client defaults' long fetch waits and
-    # batching (hops add up to ~0.5 s, idle costs ~nothing).
+    # live: short fetch waits (50 ms), no linger, frequent commits (each hop through the embedded
+    # broker adds ~10-20 ms p50); throughput: the client defaults' long fetch waits and batching
+    # (hops add up to ~0.5 s on the embedded broker, polling costs ~nothing). pipeline/kafka/README.md.
     profile: Literal["live", "throughput"] = "live"
     # A frame waits until the stream's prompts partition is read up to date (every prompt sent
     # before the frame is applied first); if that cannot be confirmed within this bound it goes on.

@@ -22,13 +22,19 @@ PRODUCER_THROUGHPUT = {"linger_ms": 5, "batch_size": 1 * MB, "compression_type":
 class Profile:
     """Latency versus throughput (`kafka.live.profile`); see pipeline/kafka/README.md "Latency".
 
-    Measured on the embedded broker (Tansu): it answers a fetch only when `fetch_max_wait_ms` has
-    passed, even when data arrives meanwhile, so each consuming hop waits that long at worst
-    (500 ms, kafka-python's default: p50 135 ms for one hop). 20 ms costs ~16% of a core for the
-    client and ~6% for the broker while idle (500 ms: ~3% and ~1%).
+    Measured on the embedded broker (Tansu): a record that arrives during a fetch waits for part of
+    that fetch's wait, so each consuming hop costs latency that grows with `fetch_max_wait_ms`
+    (one record every 200-400 ms: p50 5-7 ms at 20 ms, 18-21 at 100, 47-85 at 500). Shorter waits
+    mean more fetches: 20 ms costs ~16% of a core for the client and ~6% for the broker while idle
+    (500 ms: ~3% and ~1%). Real Kafka answers as soon as a record is there, so against it a long
+    wait costs no latency.
     """
 
-    fetch_max_wait_ms: int      # the broker holds an empty fetch this long
+    # The broker holds an empty fetch this long. `live` uses 50 ms, not 20: on 2 cores the polling
+    # CPU of 20 ms slowed the model by more than the shorter hops saved (bench/kafka_hops.py
+    # PROFILE@MS, 3 rotated repeats: added p50 +167 -> +119 ms for 1 stream @ 2 fps, +315 -> +222 ms
+    # for 4 streams @ 0.5 fps; broker CPU 5.6-7.2 s -> 2.9-5.2 s per trial; hops +3-8 ms p50).
+    fetch_max_wait_ms: int
     # ...while the session is behind (a stream's queue is full): a frame fetched sooner would only
     # wait in that queue, and the polling's CPU is what the saturated model lacks. Measured at the
     # edge of 2 cores (bench/kafka_bench.py, 4 streams): `live` added +876 ms p50, `throughput`
@@ -38,7 +44,7 @@ class Profile:
     commit_interval_s: float    # how often `masklet run` commits settled offsets
     poll_timeout_ms: int        # the runner's consumer.poll timeout (it returns early on records)
     # ...once no record has come for `idle_after_s` and nothing is in flight: an idle `masklet run`
-    # polled 50 times a second at `live`'s 20 ms, 0.09-0.13 cores in its process and 0.04-0.06 in the
+    # polled 50 times a second at a 20 ms wait, 0.09-0.13 cores in its process and 0.04-0.06 in the
     # broker (bench/kafka_contention.py); at 500 ms, 0.013 and 0.007. The first record after a quiet spell
     # then waits up to this long once; the next fetch is short again.
     idle_fetch_max_wait_ms: int = 500
@@ -46,7 +52,7 @@ class Profile:
 
 
 PROFILES = {
-    "live": Profile(fetch_max_wait_ms=20, busy_fetch_max_wait_ms=100, linger_ms=0, commit_interval_s=0.5,
+    "live": Profile(fetch_max_wait_ms=50, busy_fetch_max_wait_ms=100, linger_ms=0, commit_interval_s=0.5,
                     poll_timeout_ms=50),
     "throughput": Profile(fetch_max_wait_ms=500, busy_fetch_max_wait_ms=500, linger_ms=5, commit_interval_s=2.0,
                           poll_timeout_ms=200),

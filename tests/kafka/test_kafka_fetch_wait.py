@@ -1,6 +1,6 @@
 """`masklet run` polls fast while it keeps up, slowly while its session is behind
-(`Profile.busy_fetch_max_wait_ms`): at the edge of a 2-core machine the live profile's 20 ms fetch
-waits took CPU the model needed (pipeline/kafka/README.md, "Latency"), and slowly while idle
+(`Profile.busy_fetch_max_wait_ms`): at the edge of a 2-core machine the live profile's short fetch
+waits (20 ms then) took CPU the model needed (pipeline/kafka/README.md, "Latency"), and slowly while idle
 (`Profile.idle_fetch_max_wait_ms`).
 
 The switch goes through kafka-python's fetcher config, which has no public setter; the first test
