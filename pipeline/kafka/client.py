@@ -34,6 +34,8 @@ class Profile:
     # CPU of 20 ms slowed the model by more than the shorter hops saved (bench/kafka_hops.py
     # PROFILE@MS, 3 rotated repeats: added p50 +167 -> +119 ms for 1 stream @ 2 fps, +315 -> +222 ms
     # for 4 streams @ 0.5 fps; broker CPU 5.6-7.2 s -> 2.9-5.2 s per trial; hops +3-8 ms p50).
+    # kafka_bench.py agreed on p99 (+148 -> +66 ms at 1 stream, +373 -> +212 at 4) and at 1
+    # stream on p50 (+98 -> +89); at 4 streams its p50 stayed (+270 -> +276).
     fetch_max_wait_ms: int
     # ...while the session is behind (a stream's queue is full): a frame fetched sooner would only
     # wait in that queue, and the polling's CPU is what the saturated model lacks. Measured at the
