@@ -195,17 +195,24 @@ class ThroughKafka:
         from masklet.pipeline.live import LiveConfig
 
         self.trials += 1
-        prefix = f"{self.name}-{len(streams)}-{self.trials}-{int(time.time())}"
-        topics = KafkaTopics(frames=f"{prefix}.frames", prompts=f"{prefix}.prompts", masklets=f"{prefix}.masklets",
-                             deadletter=f"{prefix}.deadletter")
-        self.broker.create_topics([topics.frames, topics.prompts, topics.masklets, topics.deadletter])
-        settings = KafkaSettings(bootstrap_servers=self.broker.bootstrap_servers, topics=topics, group_id=prefix,
-                                 live={"profile": self.profile})
+        settings = fresh_settings(self.broker, f"{self.name}-{len(streams)}-{self.trials}", self.profile)
+        topics = settings.topics
         runner = KafkaRunner(settings, backend(), _BACKEND["model"], LiveConfig(queue_capacity=2), overload="drop")
         result = run_with_client(runner, {"bootstrap": self.broker.bootstrap_servers, "topics": topics.model_dump(),
                                           "profile": self.profile, "fps": fps, "frames": len(frames), "streams": streams})
         result["prompt_waits"] = runner.stats.snapshot().total("masklet_kafka_prompt_waits_total")
         return result
+
+
+def fresh_settings(broker: EmbeddedBroker, name: str, profile: str) -> KafkaSettings:
+    """Settings for one trial: its own four topics (created on `broker`) and consumer group, so no
+    record or committed offset of an earlier trial is seen."""
+    prefix = f"{name}-{int(time.time())}"
+    topics = KafkaTopics(frames=f"{prefix}.frames", prompts=f"{prefix}.prompts", masklets=f"{prefix}.masklets",
+                         deadletter=f"{prefix}.deadletter")
+    broker.create_topics([topics.frames, topics.prompts, topics.masklets, topics.deadletter])
+    return KafkaSettings(bootstrap_servers=broker.bootstrap_servers, topics=topics, group_id=prefix,
+                         live={"profile": profile})
 
 
 def run_with_client(runner, spec: dict) -> dict:

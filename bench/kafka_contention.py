@@ -37,7 +37,6 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 import kafka_bench as kb  # noqa: E402
 from bench_common import git_commit, machine, process_cpu  # noqa: E402
 from masklet.actors.sources import open_source  # noqa: E402
-from masklet.pipeline.config import KafkaSettings, KafkaTopics  # noqa: E402
 from masklet.pipeline.kafka.broker import EmbeddedBroker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,12 +82,7 @@ def idle_cost(broker: EmbeddedBroker, profile: str, backoff: bool, seconds: floa
     from masklet.pipeline.kafka.run import KafkaRunner
     from masklet.pipeline.live import LiveConfig
 
-    prefix = f"idle-{profile}-{int(time.time())}"
-    topics = KafkaTopics(frames=f"{prefix}.frames", prompts=f"{prefix}.prompts", masklets=f"{prefix}.masklets",
-                         deadletter=f"{prefix}.deadletter")
-    broker.create_topics([topics.frames, topics.prompts, topics.masklets, topics.deadletter])
-    settings = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, topics=topics, group_id=prefix,
-                             live={"profile": profile})
+    settings = kb.fresh_settings(broker, f"idle-{profile}", profile)
     runner = KafkaRunner(settings, InProcessBackend(), kb.FAKE, LiveConfig(queue_capacity=2))
     if not backoff:  # the profile's own fetch wait however long the run stays idle
         runner.profile = dataclasses.replace(runner.profile, idle_after_s=float("inf"))

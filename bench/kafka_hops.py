@@ -32,7 +32,6 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 import kafka_bench as kb  # noqa: E402
 from bench_common import cpu_by_process, git_commit, machine, percentile_ms  # noqa: E402
 from masklet.actors.sources import open_source  # noqa: E402
-from masklet.pipeline.config import KafkaSettings, KafkaTopics  # noqa: E402
 from masklet.pipeline.kafka.broker import EmbeddedBroker  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,8 +87,6 @@ def in_process(jpegs: list, fps: float, streams: list[str]) -> dict:
 def through_kafka(broker: EmbeddedBroker, frames: int, fps: float, trial: int, streams: list[str], path: str) -> dict:
     """`path`: a `kafka.live.profile`, or "PROFILE@MS", that profile with a fetch wait of MS (an experiment)."""
     from masklet.pipeline.kafka import client
-    from masklet.pipeline.kafka.run import KafkaRunner
-    from masklet.pipeline.live import LiveConfig
 
     profile, _, wait = path.partition("@")
     saved = client.PROFILES[profile]
@@ -106,12 +103,7 @@ def _through_kafka(broker: EmbeddedBroker, frames: int, fps: float, trial: int, 
     from masklet.pipeline.kafka.run import KafkaRunner
     from masklet.pipeline.live import LiveConfig
 
-    prefix = f"hops-{profile}-{trial}-{int(time.time())}"
-    topics = KafkaTopics(frames=f"{prefix}.frames", prompts=f"{prefix}.prompts", masklets=f"{prefix}.masklets",
-                         deadletter=f"{prefix}.deadletter")
-    broker.create_topics([topics.frames, topics.prompts, topics.masklets, topics.deadletter])
-    settings = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, topics=topics, group_id=prefix,
-                             live={"profile": profile})
+    settings = kb.fresh_settings(broker, f"hops-{profile}-{trial}", profile)
     submitted, published = {}, {}
 
     def on_published(out) -> None:  # the runner's publisher thread, once the record is handed to the producer
@@ -135,7 +127,7 @@ def _through_kafka(broker: EmbeddedBroker, frames: int, fps: float, trial: int, 
         return shutdown(*args, **kwargs)
 
     runner.session.shutdown = counted_shutdown
-    raw = kb.run_with_client(runner, {"bootstrap": broker.bootstrap_servers, "topics": topics.model_dump(),
+    raw = kb.run_with_client(runner, {"bootstrap": broker.bootstrap_servers, "topics": settings.topics.model_dump(),
                                       "profile": profile, "fps": fps, "frames": frames, "streams": streams, "raw": True,
                                       "fetch_max_wait_ms": wait_ms})
     keys = [k for k in raw["sent"] if k in submitted and k in published]
