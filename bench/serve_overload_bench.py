@@ -6,7 +6,8 @@ Three sessions, side by side in one run: `--ingress proxy` (Serve's HTTP proxy a
 without the API's guard in the proxy (serve.proxy_gate: false), then with it (the default), then
 `--ingress direct` (the default: the replica serves HTTP itself, deploy/serve_ingress.py).
 In each, once the stream's actors have started (`settle`), two floods alternate, twice each:
-GET /streams/cam1/frame.png (real work: an overlay PNG; the app works on
+GET /streams/cam1/frame.png (`--picture png`, the default; `jpg`: frame.jpg, what the console polls) (real
+work: an overlay picture, encoded once per published output (deploy/overlays.py); the app works on
 limits.max_in_flight_requests of them and answers the rest 503) and GET /health/live (no work:
 what the HTTP path alone costs on this machine). The flood runs in its own
 process (tests/serve/flood_client.py: asyncio, raw sockets), so its client work does not share a
@@ -14,6 +15,8 @@ GIL with the probes. Each run also gives concurrency / throughput (Little's law)
 first-come-first-served server must show with that many requests always outstanding.
 
     .venv/bin/python bench/serve_overload_bench.py      # writes bench/results/serve_overload_bench.json
+    .venv/bin/python bench/serve_overload_bench.py --ingress direct --clip ../shared/videos/01_dog.mp4 \
+        --picture jpg --out bench/results/serve_overload_720p_jpg.json   # 720p pictures
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import requests
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
-from bench_common import cpu_by_process, machine, percentile_ms, process_cpu  # noqa: E402
+from bench_common import cpu_by_process, git_commit, machine, percentile_ms, process_cpu  # noqa: E402
 
 TOKEN = "bench-token-0123456789"
 HEADERS = {"Authorization": f"Bearer {TOKEN}"}
@@ -106,7 +109,7 @@ def flood(port: int, health_port: int, path: str) -> dict:
     return result
 
 
-def serve_session(ingress: str, scratch: Path) -> list[dict]:
+def serve_session(ingress: str, scratch: Path, clip: Path | None = None, picture: str = "png") -> list[dict]:
     """`masklet serve --ingress INGRESS` as a user runs it (its own process and Ray session), one looping
     stream, then (once the machine has settled, `settle`) the floods: frame.png and /health/live
     alternately, twice each."""
@@ -130,15 +133,16 @@ def serve_session(ingress: str, scratch: Path) -> list[dict]:
             if time.monotonic() > deadline or cli.poll() is not None:
                 raise SystemExit(f"masklet serve --ingress {ingress} did not get ready: see {log.name}")
             time.sleep(0.5)
-        clip = make_clip(scratch / "square.mp4")
+        clip = clip or make_clip(scratch / "square.mp4")
         created = requests.post(url + "/streams", json={"stream_id": "cam1", "source": str(clip), "loop": True},
                                 headers=HEADERS, timeout=30)
         assert created.status_code == 201, created.text
         while requests.get(url + "/streams/cam1/masklet", headers=HEADERS, timeout=30).status_code != 200:
             time.sleep(0.2)
         settled = settle()
-        runs = [{"ingress": ingress, **(settled if i == 0 and path.endswith("png") else {}), **flood(port, health_port, path)}
-                for i in range(2) for path in ("/streams/cam1/frame.png", "/health/live")]
+        frame = f"/streams/cam1/frame.{picture}"
+        runs = [{"ingress": ingress, **(settled if i == 0 and path == frame else {}), **flood(port, health_port, path)}
+                for i in range(2) for path in (frame, "/health/live")]
     finally:
         stop_cli(cli)
         log.close()
@@ -152,23 +156,32 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ingress", default="proxy-ungated,proxy,direct",
                         help="sessions to run, in this order (proxy-ungated: serve.proxy_gate false)")
+    parser.add_argument("--clip", type=Path, default=None,
+                        help="the looping stream's video (default: a 96x64 synthetic clip, so that the overlay"
+                             " costs little; ../shared/videos/01_dog.mp4 gives 720p overlays)")
+    parser.add_argument("--picture", choices=("png", "jpg"), default="png",
+                        help="flood frame.png (the default) or frame.jpg (what the console polls)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "serve_overload_bench.json")
     args = parser.parse_args()
+    if args.clip is not None and not args.clip.is_file():
+        parser.error(f"--clip {args.clip}: no such file")
     sessions = tuple(args.ingress.split(","))
     scratch = Path(tempfile.mkdtemp(prefix="masklet-overload-"))
-    runs = [run for ingress in sessions for run in serve_session(ingress, scratch)]
+    clip = args.clip.resolve() if args.clip else None
+    runs = [run for ingress in sessions for run in serve_session(ingress, scratch, clip, args.picture)]
 
     def of(ingress: str, path_end: str, key: str) -> list:
         return [r[key] for r in runs if r["ingress"] == ingress and r["path"].endswith(path_end)]
 
     report = {"benchmark": "serve_overload", "requests": REQUESTS, "concurrency": CONCURRENCY,
+              "clip": clip.name if clip else "96x64 synthetic", "picture": args.picture, "commit": git_commit(),
               "serve_limits": deployment_limits(),
               "max_in_flight_requests": LimitsSettings().max_in_flight_requests,
               "runs": runs,
               "health_listener_max_ms_over_all_floods": max(r["health_listener_max_ms"] for r in runs),
               **{f"{ingress.replace('-', '_')}_{what}": of(ingress, end, key) for ingress in sessions
-                 for what, end, key in (("busy_503_p50_ms", "frame.png", "busy_503_p50_ms"),
-                                        ("frame_png_throughput_rps", "frame.png", "throughput_rps"),
+                 for what, end, key in (("busy_503_p50_ms", f"frame.{args.picture}", "busy_503_p50_ms"),
+                                        (f"frame_{args.picture}_throughput_rps", f"frame.{args.picture}", "throughput_rps"),
                                         ("health_flood_p50_ms", "/health/live", "p50_ms"),
                                         ("health_flood_throughput_rps", "/health/live", "throughput_rps"))},
               "machine": {**machine(), "load_note": f"loadavg at end {os.getloadavg()}; other agents share the cores"}}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import io
 from pathlib import Path
 from typing import Any, Optional
 
@@ -28,6 +27,7 @@ from masklet.deploy.api_runtime import KafkaProbe, OutputHub, SessionSlot, Strea
 from masklet.deploy.api_limits import deployment_limits, in_flight_cap
 from masklet.deploy.api_security import ApiLimits, GuardMiddleware
 from masklet.deploy.health_listener import Heartbeat, readiness
+from masklet.deploy.overlays import OverlayCache
 from masklet.actors.messages import MessageError
 from masklet.actors.prompt_limits import PromptLimitError, check_object_count, prompt_to_model
 from masklet.actors.rle import RleError
@@ -69,6 +69,7 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
                        max_event_streams=limits_settings.max_event_streams)
     registry = StreamRegistry(slot, limits=limits, kafka=kafka)
     hub = OutputHub(max_subscribers=limits_settings.max_event_streams)
+    jpegs, pngs = OverlayCache("jpeg"), OverlayCache("png")  # one picture per stream, output and format
     if kafka_probe is None and kafka is not None:
         kafka_probe = KafkaProbe(kafka)
     heartbeat = heartbeat or Heartbeat()
@@ -233,15 +234,27 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
 
     # -- outputs -------------------------------------------------------------------------------
 
+    def frame_picture(stream_id: str, cache: OverlayCache) -> Response:
+        feeder = registry.get(stream_id)
+        output = _latest(slot, feeder)
+        if output is None or output.record is None or output.rgb is None:  # none yet, or its pixels not kept
+            return Response(status_code=204, headers={"Retry-After": "1"})
+        return Response(cache.picture(feeder, output), media_type=cache.media_type,
+                        headers={"Cache-Control": "no-store", "X-Frame-Index": str(output.record.frame_idx),
+                                 "X-Revision": str(output.record.revision)})
+
+    @app.get("/streams/{stream_id}/frame.jpg", response_class=Response,
+             responses={200: {"content": {"image/jpeg": {}}}, 204: {"description": "no frame published yet"}})
+    def frame_jpeg(stream_id: str) -> Response:
+        """The latest published frame with its masks drawn (what the console shows); X-Frame-Index and
+        X-Revision name the record it shows."""
+        return frame_picture(stream_id, jpegs)
+
     @app.get("/streams/{stream_id}/frame.png", response_class=Response,
              responses={200: {"content": {"image/png": {}}}, 204: {"description": "no frame published yet"}})
     def frame_png(stream_id: str) -> Response:
-        output = _latest(slot, registry.get(stream_id))
-        if output is None or output.record is None or output.rgb is None:  # none yet, or its pixels not kept
-            return Response(status_code=204, headers={"Retry-After": "1"})
-        png = _overlay_png(output)
-        return Response(png, media_type="image/png",
-                        headers={"Cache-Control": "no-store", "X-Frame-Index": str(output.record.frame_idx)})
+        """As frame.jpg, lossless: about 6 times the bytes and 5 times the encoding time at 720p."""
+        return frame_picture(stream_id, pngs)
 
     @app.get("/streams/{stream_id}/masklet", responses={204: {"description": "no record published yet"}})
     def masklet(stream_id: str) -> Response:
@@ -314,13 +327,3 @@ def _latest_idx(session: Any, stream_id: str) -> int:
         output = None
     return output.record.frame_idx if output is not None else 0
 
-
-def _overlay_png(output: Any) -> bytes:
-    from PIL import Image
-
-    from masklet.actors.sinks import draw_overlay
-
-    image = Image.fromarray(draw_overlay(output.rgb, output.masks))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)  # speed over size: the console polls it
-    return buffer.getvalue()

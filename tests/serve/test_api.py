@@ -42,7 +42,8 @@ def start_stream(client, clip, stream_id="cam1", **extra):
 
 def test_every_endpoint_but_health_and_console_needs_the_token(server):
     anonymous, wrong = Client(server.url, token=None), Client(server.url, token="wrong")
-    for path in ("/streams", "/streams/x", "/streams/x/frame.png", "/streams/x/masklet", "/streams/x/events",
+    for path in ("/streams", "/streams/x", "/streams/x/frame.png", "/streams/x/frame.jpg", "/streams/x/masklet",
+                 "/streams/x/events",
                  "/metrics", "/openapi.json", "/no/such/path"):
         for who in (anonymous, wrong):
             response = who.get(path)
@@ -60,7 +61,8 @@ def test_openapi_schema_lists_the_resources(client):
     paths = client.get("/openapi.json").json()["paths"]
     for path in ("/streams", "/streams/{stream_id}", "/streams/{stream_id}/objects",
                  "/streams/{stream_id}/objects/{object_id}/refine", "/streams/{stream_id}/objects/{object_id}",
-                 "/streams/{stream_id}/frame.png", "/streams/{stream_id}/masklet", "/streams/{stream_id}/events",
+                 "/streams/{stream_id}/frame.png", "/streams/{stream_id}/frame.jpg", "/streams/{stream_id}/masklet",
+                 "/streams/{stream_id}/events",
                  "/health/live", "/health/ready", "/metrics"):
         assert path in paths, path
 
@@ -131,6 +133,11 @@ def test_stream_lifecycle_objects_frame_and_record(client, fake, clip):
     assert png.headers["content-type"] == "image/png" and int(png.headers["X-Frame-Index"]) >= record["frame_idx"]
     pixels = np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB"))
     assert pixels.shape == (64, 96, 3) and pixels[10, 70].any()  # object 2's box is coloured
+    jpeg = client.get("/streams/cam1/frame.jpg")  # what the console shows: the same picture, lossy
+    assert jpeg.headers["content-type"] == "image/jpeg" and int(jpeg.headers["X-Frame-Index"]) >= record["frame_idx"]
+    assert jpeg.headers["X-Revision"] == "0" and png.headers["X-Revision"] == "0"
+    pixels = np.asarray(Image.open(io.BytesIO(jpeg.content)).convert("RGB"))
+    assert pixels.shape == (64, 96, 3) and pixels[10, 70].max() > 100, pixels[10, 70]  # coloured (background: 58)
 
     assert client.delete("/streams/cam1/objects/2").status_code == 202
     assert client.delete("/streams/cam1").status_code == 204
