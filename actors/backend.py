@@ -47,6 +47,8 @@ class ActorOptions:
     resources: tuple[tuple[str, float], ...] = ()
     # Spread actors of a pool over the cluster's nodes instead of packing them onto one.
     spread: bool = False
+    # Run on the caller's node (a source reader opening a local file must see the caller's disk).
+    same_node: bool = False
 
 
 @dataclass
@@ -303,6 +305,11 @@ class RayBackend(Backend):
             opts["resources"] = dict(actor.options.resources)
         if actor.options.spread:
             opts["scheduling_strategy"] = self._spread_strategy(actor.options)
+        elif actor.options.same_node:
+            from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+            here = self._ray.get_runtime_context().get_node_id()
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id=here, soft=False)
         return remote_cls.options(**opts).remote(*actor.args, **actor.kwargs)
 
     def _spread_strategy(self, options: ActorOptions) -> Any:

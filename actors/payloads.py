@@ -96,6 +96,17 @@ class EncodedImage:
 
 
 @dataclass(frozen=True)
+class StoredFrame:
+    """Pixels already in the backend's store: a future or reference (`Backend.call`/`put`) of a uint8
+    [height, width, 3] array, e.g. what a source reader actor returned. Whoever passes it on never
+    fetches the pixels; stages read them from the store."""
+
+    pixels: Any = field(repr=False)
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
 class FrameFailure:
     """Stands in for a frame that could not be decoded; stages pass it through untouched."""
 

@@ -4,6 +4,8 @@ of its streams, and the fan-out of masklet records to server-sent-event subscrib
 from __future__ import annotations
 
 import asyncio
+import functools
+import itertools
 import logging
 import socket
 import threading
@@ -15,7 +17,7 @@ from fastapi import HTTPException
 
 from masklet.deploy.api_models import CreateStream
 from masklet.deploy.api_security import ApiLimits
-from masklet.deploy.feeders import Feeder, kafka_frames, source_frames, source_type_of
+from masklet.deploy.feeders import Feeder, actor_source_frames, kafka_frames, source_frames, source_type_of
 from masklet.monitoring.stats import Stats
 from masklet.pipeline.config import DEFAULT_MAX_PIXELS, KafkaSettings
 
@@ -209,6 +211,7 @@ class StreamRegistry:
         self._feeders: dict[str, Feeder] = {}
         self._next_object_id: dict[str, int] = {}
         self._closing: set[str] = set()
+        self._readers = itertools.count()  # source reader actors are named uniquely: an id can come back
         self._lock = threading.Lock()
 
     def create(self, request: CreateStream) -> Feeder:
@@ -224,8 +227,14 @@ class StreamRegistry:
             local = source.removeprefix("file://")
             if "://" not in local:
                 _check_local_source(source, local)
-            frames = source_frames(source, realtime=request.realtime, loop=request.loop,
-                                   max_frames=request.max_frames, max_pixels=self.max_pixels, stats=self.stats)
+            make_frames = functools.partial(source_frames, source, realtime=request.realtime, loop=request.loop,
+                                            max_frames=request.max_frames, max_pixels=self.max_pixels)
+            backend = getattr(session, "backend", None)
+            if getattr(backend, "separate_processes", False):  # decode in an actor, not in this replica
+                frames = actor_source_frames(backend, f"{request.stream_id}-{next(self._readers)}", make_frames,
+                                             self.stats)
+            else:
+                frames = make_frames(stats=self.stats)
             describe, source_type = source, source_type_of(source)
         with self._lock:
             if request.stream_id in self._feeders:

@@ -1,5 +1,9 @@
 """Threads that feed a LiveSession: one per stream, from a file/URL/RTSP source or a Kafka stream id.
 
+Where the session runs on Ray, a file/URL/RTSP source is read and decoded in a SourceReader actor
+(`actor_source_frames`, actors/source_reader.py) and its frames reach the session as references into
+the object store: the API replica's core stays with HTTP. In-process, the feeder thread decodes.
+
 A feeder opens its LiveSession stream when the first frame arrives (only then are the width,
 height and frame rate known), submits frames without ever blocking (the session drops the
 oldest frame when it falls behind), and closes nothing itself: the stream, with its latest
@@ -13,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
-from masklet.actors.payloads import EncodedImage
+from masklet.actors.payloads import EncodedImage, StoredFrame
 from masklet.monitoring.stats import Stats
 from masklet.pipeline.config import DEFAULT_MAX_PIXELS, KafkaSettings
 
@@ -46,13 +50,14 @@ class FeederState:
 class FeedFrame:
     frame_idx: int
     pts: float
-    rgb: Any = field(repr=False)  # uint8 [H, W, 3] pixels, or an EncodedImage a decoder actor decodes
+    # uint8 [H, W, 3] pixels, an EncodedImage a decoder actor decodes, or a StoredFrame (a source reader's)
+    rgb: Any = field(repr=False)
     fps: Optional[float] = None
 
     @property
     def size(self) -> tuple[int, int]:
         """(height, width)."""
-        if isinstance(self.rgb, EncodedImage):
+        if isinstance(self.rgb, (EncodedImage, StoredFrame)):
             return self.rgb.height, self.rgb.width
         return tuple(self.rgb.shape[:2])
 
@@ -146,6 +151,46 @@ def source_frames(uri: str, *, realtime: bool, loop: bool, max_frames: Optional[
             if not loop or next_idx == 0 or (max_frames is not None and fed >= max_frames):
                 return
             pts_offset += (last_pts or 0.0) + step  # the next pass continues the timeline
+
+    return frames
+
+
+def actor_source_frames(backend: Any, name: str, make_frames: Callable[..., Any], stats: Optional[Stats] = None,
+                        *, ahead: int = 2) -> Callable[[threading.Event], Iterator[FeedFrame]]:
+    """The frames of `make_frames` (a `source_frames` partial), read and decoded in a SourceReader actor
+    (actors/source_reader.py), not in this process: each frame reaches the session as a StoredFrame.
+
+    `ahead` calls are kept in flight, so the next frame is decoding while this one is submitted; a
+    paced source makes them wait in the actor. The reader's counters (reconnects) are added to
+    `stats` as frames arrive. Stopping kills the reader, which ends a read blocked on the network."""
+    from collections import deque
+
+    from masklet.actors.backend import ActorCallError, ActorOptions
+    from masklet.actors.source_reader import SourceReader
+
+    def frames(stop: threading.Event) -> Iterator[FeedFrame]:
+        reader = backend.spawn(f"source-{name}", SourceReader, make_frames, options=ActorOptions(same_node=True))
+        try:
+            calls = deque(backend.call(reader, "next_frame", num_returns=2) for _ in range(max(1, ahead)))
+            while not stop.is_set():
+                meta_future, pixels = calls[0]
+                if not backend.wait([meta_future], POLL_INTERVAL_S)[0]:
+                    continue  # not due yet (a paced source) or still connecting: look at `stop` again
+                calls.popleft()
+                try:
+                    meta = backend.get(meta_future)
+                except ActorCallError as exc:  # the source failed: its own one-line reason, as in-process
+                    raise RuntimeError(exc.reason) from None
+                if meta is None:
+                    return
+                for counter, amount, labels in meta["counters"]:
+                    if stats is not None:
+                        stats.inc(counter, amount, **labels)
+                calls.append(backend.call(reader, "next_frame", num_returns=2))
+                yield FeedFrame(meta["frame_idx"], meta["pts"], StoredFrame(pixels, meta["height"], meta["width"]),
+                                fps=meta["fps"])
+        finally:
+            backend.kill(reader)
 
     return frames
 

@@ -46,7 +46,7 @@ import numpy as np
 
 from masklet.actors.backend import Backend
 from masklet.actors.messages import PromptMessage
-from masklet.actors.payloads import EncodedImage, ModelSpec, StreamInfo
+from masklet.actors.payloads import EncodedImage, ModelSpec, StoredFrame, StreamInfo
 from masklet.actors.prompt_limits import PromptLimitError, check_object_count, prompt_to_model
 from masklet.monitoring.stats import Stats, StatsSnapshot, merge
 from masklet.pipeline import commands as c
@@ -147,16 +147,19 @@ class LiveSession:
         with self._lock:
             return list(self._streams)
 
-    def submit_frame(self, stream_id: str, frame_idx: int, pts: float, image: np.ndarray | EncodedImage,
+    def submit_frame(self, stream_id: str, frame_idx: int, pts: float, image: np.ndarray | EncodedImage | StoredFrame,
                      token: Any = None, *, lost_before: int = 0) -> None:
-        """Queue a frame (uint8 RGB pixels, or an EncodedImage a decoder actor will decode); never
-        blocks (the oldest queued frame is dropped when the queue is full)."""
+        """Queue a frame (uint8 RGB pixels, an EncodedImage a decoder actor will decode, or a StoredFrame
+        already in the backend's store); never blocks (the oldest queued frame is dropped when the
+        queue is full)."""
         with self._lock:
             st = self._stream(stream_id).state
             if st.closing:
                 raise ValueError(f"stream {stream_id!r} is closing")
             if isinstance(image, EncodedImage):
                 size, pixels, encoded = (image.height, image.width), None, image
+            elif isinstance(image, StoredFrame):
+                size, pixels, encoded = (image.height, image.width), image.pixels, None
             else:
                 if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
                     raise ValueError(f"stream {stream_id!r} takes uint8 frames of shape {(st.height, st.width, 3)}, "
@@ -166,7 +169,7 @@ class LiveSession:
                 raise ValueError(f"stream {stream_id!r} takes frames of {st.width}x{st.height}, got {size[1]}x{size[0]}")
             if lost_before < 0:
                 raise ValueError(f"lost_before must not be negative, got {lost_before}")
-        if encoded is None:
+        if encoded is None and pixels is None:
             pixels = self.backend.put(image)  # the object store copy the stages read; outside the lock
         with self._lock:
             st = self._stream(stream_id).state
