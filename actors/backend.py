@@ -49,6 +49,12 @@ class ActorOptions:
     spread: bool = False
     # Run on the caller's node (a source reader opening a local file must see the caller's disk).
     same_node: bool = False
+    # Calls served at once, each on its own thread (Ray's threaded actors); 1: one at a time, in order.
+    max_concurrency: int = 1
+
+    def __post_init__(self) -> None:
+        if self.spread and self.same_node:
+            raise ValueError("ActorOptions: spread and same_node exclude each other")
 
 
 @dataclass
@@ -303,6 +309,8 @@ class RayBackend(Backend):
             opts["runtime_env"] = {"env_vars": dict(actor.options.env)}
         if actor.options.resources:
             opts["resources"] = dict(actor.options.resources)
+        if actor.options.max_concurrency > 1:
+            opts["max_concurrency"] = actor.options.max_concurrency
         if actor.options.spread:
             opts["scheduling_strategy"] = self._spread_strategy(actor.options)
         elif actor.options.same_node:

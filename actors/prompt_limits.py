@@ -14,13 +14,17 @@ The values come from the `limits` section of the settings (`pipeline.config.Limi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Collection, Literal
+from typing import TYPE_CHECKING, Collection, Literal
 
 import numpy as np
 
 from masklet.actors.messages import MAX_JSON_DEPTH, PromptMessage
 from masklet.actors.rle import RleError, check_rle, decode_rle
-from masklet.model.types import Prompt
+
+if TYPE_CHECKING:
+    # Imported where used: `masklet.model` pulls in torch, and this module is imported by processes
+    # that never build a prompt (pipeline.config is everywhere, a source reader actor among them).
+    from masklet.model.types import Prompt
 
 PromptLimitReason = Literal["invalid_prompt", "out_of_range", "too_large", "too_many_objects"]
 
@@ -113,6 +117,8 @@ def prompt_to_model(msg: PromptMessage, height: int, width: int, limits: InputLi
             mask = decode_rle({"size": list(msg.mask.size), "counts": msg.mask.counts}, expected_size=(height, width))
         except RleError as exc:
             raise PromptLimitError("invalid_prompt", str(exc)) from None
+    from masklet.model.types import Prompt
+
     try:
         return Prompt(points=np.asarray(msg.points, np.float32) if msg.points else None,
                       labels=np.asarray(msg.labels, np.int64) if msg.points else None,

@@ -17,7 +17,7 @@ from fastapi import HTTPException
 
 from masklet.deploy.api_models import CreateStream
 from masklet.deploy.api_security import ApiLimits
-from masklet.deploy.feeders import Feeder, actor_source_frames, kafka_frames, source_frames, source_type_of
+from masklet.deploy.feeders import Feeder, ReaderPool, actor_source_frames, kafka_frames, source_frames, source_type_of
 from masklet.monitoring.stats import Stats
 from masklet.pipeline.config import DEFAULT_MAX_PIXELS, KafkaSettings
 
@@ -211,7 +211,8 @@ class StreamRegistry:
         self._feeders: dict[str, Feeder] = {}
         self._next_object_id: dict[str, int] = {}
         self._closing: set[str] = set()
-        self._readers = itertools.count()  # source reader actors are named uniquely: an id can come back
+        self._readers: Optional[ReaderPool] = None  # the source reader actor, on Ray
+        self._reader_keys = itertools.count()
         self._lock = threading.Lock()
 
     def create(self, request: CreateStream) -> Feeder:
@@ -230,9 +231,11 @@ class StreamRegistry:
             make_frames = functools.partial(source_frames, source, realtime=request.realtime, loop=request.loop,
                                             max_frames=request.max_frames, max_pixels=self.max_pixels)
             backend = getattr(session, "backend", None)
-            if getattr(backend, "separate_processes", False):  # decode in an actor, not in this replica
-                frames = actor_source_frames(backend, f"{request.stream_id}-{next(self._readers)}", make_frames,
-                                             self.stats)
+            if getattr(backend, "separate_processes", False):  # decode in the reader actor, not in this replica
+                if self._readers is None:
+                    self._readers = ReaderPool(backend, self.limits.max_streams)
+                key = f"{request.stream_id}#{next(self._reader_keys)}"  # an id can come back while its source closes
+                frames = actor_source_frames(self._readers, key, make_frames, self.stats)
             else:
                 frames = make_frames(stats=self.stats)
             describe, source_type = source, source_type_of(source)
@@ -335,3 +338,5 @@ class StreamRegistry:
     def shutdown(self) -> None:
         for feeder in self.all():
             feeder.stop(timeout=1.0)
+        if self._readers is not None:
+            self._readers.shutdown()

@@ -11,6 +11,8 @@ frame and objects, stays inspectable until the API deletes it.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -93,16 +95,10 @@ class Feeder:
 
     def _run(self) -> None:
         try:
-            for frame in self._frames(self._stop):
-                if self._stop.is_set():
-                    return
-                if self.status.size is None:
-                    height, width = frame.size
-                    self.session.open_stream(self.stream_id, width, height, fps=frame.fps, source_type=self.source_type)
-                    self.status.size = (width, height)
-                    self.status.state = "running"
-                self.session.submit_frame(self.stream_id, frame.frame_idx, frame.pts, frame.rgb)
-                self.status.frames_fed += 1
+            # closing(): an early return or a refused frame ends the source now (a reader actor is
+            # killed then), not whenever the generator is collected.
+            with contextlib.closing(self._frames(self._stop)) as frames:
+                self._feed(frames)
             if not self._stop.is_set():
                 self.status.state = "finished"
         except Exception as exc:  # a feeder failure ends its stream, never the server
@@ -114,6 +110,18 @@ class Feeder:
                 self.on_end(self)
             except Exception:  # noqa: BLE001 - bookkeeping must not turn into a thread traceback
                 log.exception("stream %s: end-of-stream hook failed", self.stream_id)
+
+    def _feed(self, frames: Iterator[FeedFrame]) -> None:
+        for frame in frames:
+            if self._stop.is_set():
+                return
+            if self.status.size is None:
+                height, width = frame.size
+                self.session.open_stream(self.stream_id, width, height, fps=frame.fps, source_type=self.source_type)
+                self.status.size = (width, height)
+                self.status.state = "running"
+            self.session.submit_frame(self.stream_id, frame.frame_idx, frame.pts, frame.rgb)
+            self.status.frames_fed += 1
 
 
 def source_frames(uri: str, *, realtime: bool, loop: bool, max_frames: Optional[int],
@@ -155,42 +163,85 @@ def source_frames(uri: str, *, realtime: bool, loop: bool, max_frames: Optional[
     return frames
 
 
-def actor_source_frames(backend: Any, name: str, make_frames: Callable[..., Any], stats: Optional[Stats] = None,
-                        *, ahead: int = 2) -> Callable[[threading.Event], Iterator[FeedFrame]]:
-    """The frames of `make_frames` (a `source_frames` partial), read and decoded in a SourceReader actor
-    (actors/source_reader.py), not in this process: each frame reaches the session as a StoredFrame.
+class ReaderPool:
+    """The SourceReader actor (actors/source_reader.py) that reads the sources of this process's
+    streams: one actor for all of them, spawned on first use and again once it has died."""
 
-    `ahead` calls are kept in flight, so the next frame is decoding while this one is submitted; a
-    paced source makes them wait in the actor. The reader's counters (reconnects) are added to
-    `stats` as frames arrive. Stopping kills the reader, which ends a read blocked on the network."""
-    from collections import deque
+    def __init__(self, backend: Any, max_streams: int) -> None:
+        self.backend = backend
+        # Each stream keeps one call waiting in the actor (plus an open or close now and then).
+        self.max_concurrency = 2 * max(1, max_streams) + 8
+        self._reader: Any = None
+        self._generation = itertools.count()
+        self._lock = threading.Lock()
 
-    from masklet.actors.backend import ActorCallError, ActorOptions
-    from masklet.actors.source_reader import SourceReader
+    def get(self) -> Any:
+        from masklet.actors.backend import ActorOptions
+        from masklet.actors.source_reader import SourceReader
+
+        with self._lock:
+            if self._reader is None:
+                # same_node: a local file must be on the disk the reader opens.
+                self._reader = self.backend.spawn(f"source-reader-{next(self._generation)}", SourceReader,
+                                                  options=ActorOptions(same_node=True,
+                                                                       max_concurrency=self.max_concurrency))
+            return self._reader
+
+    def lost(self, reader: Any) -> None:
+        """`reader` died: the next stream gets a fresh one."""
+        with self._lock:
+            if self._reader is reader:
+                self._reader = None
+        self.backend.kill(reader)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            reader, self._reader = self._reader, None
+        if reader is not None:
+            self.backend.kill(reader)
+
+
+def actor_source_frames(pool: ReaderPool, key: str, make_frames: Callable[..., Any],
+                        stats: Optional[Stats] = None) -> Callable[[threading.Event], Iterator[FeedFrame]]:
+    """The frames of `make_frames` (a `source_frames` partial), read and decoded in the pool's reader
+    actor under `key` (unique per stream and creation), not in this process: each frame reaches the
+    session as a StoredFrame.
+
+    One call is kept waiting for the next frame (the reader's threads may answer calls in any order).
+    The reader's counters (reconnects) are added to `stats` with every answer, also while the source
+    is reconnecting and when it ends or fails. A failing source ends the stream with its own one-line
+    reason; a reader that dies ends it with "source reader died: ...". Closing the generator (the
+    feeder stops, or the session refused the stream) closes the source in the reader."""
+    from masklet.actors.backend import ActorDiedError
+
+    backend = pool.backend
 
     def frames(stop: threading.Event) -> Iterator[FeedFrame]:
-        reader = backend.spawn(f"source-{name}", SourceReader, make_frames, options=ActorOptions(same_node=True))
+        reader = pool.get()
         try:
-            calls = deque(backend.call(reader, "next_frame", num_returns=2) for _ in range(max(1, ahead)))
+            backend.get(backend.call(reader, "open", key, make_frames))
+            call = backend.call(reader, "next_frame", key, num_returns=2)
             while not stop.is_set():
-                meta_future, pixels = calls[0]
+                meta_future, pixels = call
                 if not backend.wait([meta_future], POLL_INTERVAL_S)[0]:
-                    continue  # not due yet (a paced source) or still connecting: look at `stop` again
-                calls.popleft()
-                try:
-                    meta = backend.get(meta_future)
-                except ActorCallError as exc:  # the source failed: its own one-line reason, as in-process
-                    raise RuntimeError(exc.reason) from None
-                if meta is None:
-                    return
+                    continue  # look at `stop` again
+                meta = backend.get(meta_future)
                 for counter, amount, labels in meta["counters"]:
                     if stats is not None:
                         stats.inc(counter, amount, **labels)
-                calls.append(backend.call(reader, "next_frame", num_returns=2))
-                yield FeedFrame(meta["frame_idx"], meta["pts"], StoredFrame(pixels, meta["height"], meta["width"]),
-                                fps=meta["fps"])
+                if meta["kind"] == "end":
+                    return
+                if meta["kind"] == "error":
+                    raise RuntimeError(meta["reason"])
+                call = backend.call(reader, "next_frame", key, num_returns=2)
+                if meta["kind"] == "frame":
+                    yield FeedFrame(meta["frame_idx"], meta["pts"],
+                                    StoredFrame(pixels, meta["height"], meta["width"]), fps=meta["fps"])
+        except ActorDiedError as exc:
+            pool.lost(reader)
+            raise RuntimeError(f"source reader died: {exc}") from None
         finally:
-            backend.kill(reader)
+            backend.call(reader, "close", key)  # not waited for; a dead reader's call just fails
 
     return frames
 

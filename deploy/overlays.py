@@ -12,8 +12,8 @@ Each stream's latest picture per format is kept and served again until a newer o
 or a revision of the same one) replaces it; requests that arrive while it is being encoded wait for
 that one encoding instead of starting their own. Measured with bench/serve_overload_bench.py
 --clip ../shared/videos/01_dog.mp4 (direct ingress, 200 frame.png requests always outstanding): the
-app's 503s came back in 2,150-2,475 ms p50 when every request encoded its own PNG, 150-175 ms with
-one encoding per output.
+app's 503s came back in 2,150-2,475 ms p50 when every request encoded its own PNG, 155-210 ms with
+one encoding per output (README "Benchmarks").
 """
 from __future__ import annotations
 
@@ -60,21 +60,23 @@ class OverlayCache:
         self.fmt, self.media_type = fmt, MEDIA_TYPES[fmt]
         self._render = render if render is not None else overlay_image
         self._lock = threading.Lock()  # guards the two maps, never held while encoding
-        self._latest: weakref.WeakKeyDictionary[Any, tuple[Any, bytes]] = weakref.WeakKeyDictionary()
+        self._latest: weakref.WeakKeyDictionary[Any, tuple[tuple[int, int], bytes]] = weakref.WeakKeyDictionary()
         self._encoding: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
         self.renders = 0  # encodings done
 
     def picture(self, stream: Any, output: Any) -> bytes:
-        """The picture of `output` (a LiveOutput with a record and pixels) of `stream`, encoded at most once
-        while it is the newest output asked for. The cache holds the output itself, so identity is a
-        safe key (a revision of a frame is a new output)."""
-        cached = self._cached(stream, output)
+        """The picture of `output` (a LiveOutput with a record and pixels) of `stream`, encoded at most
+        once while it is the newest output asked for. Keyed by the record's (frame_idx, revision):
+        a stream's latest output only moves forward (live_round: a revision of an older frame does not
+        move it back) and a revision raises the pair. Only the picture is kept, not the frame."""
+        key = _order(output)
+        cached = self._cached(stream, key)
         if cached is not None:
             return cached
         with self._lock:
             encoding = self._encoding.setdefault(stream, threading.Lock())
         with encoding:
-            cached = self._cached(stream, output)  # encoded while this request waited
+            cached = self._cached(stream, key)  # encoded while this request waited
             if cached is not None:
                 return cached
             picture = self._render(output, self.fmt)
@@ -82,11 +84,11 @@ class OverlayCache:
                 self.renders += 1
                 current = self._latest.get(stream)
                 # A request still holding an older output must not evict the newer one's picture.
-                if current is None or _order(output) >= _order(current[0]):
-                    self._latest[stream] = (output, picture)
+                if current is None or key >= current[0]:
+                    self._latest[stream] = (key, picture)
             return picture
 
-    def _cached(self, stream: Any, output: Any) -> bytes | None:
+    def _cached(self, stream: Any, key: tuple[int, int]) -> Optional[bytes]:
         with self._lock:
             entry = self._latest.get(stream)
-        return entry[1] if entry is not None and entry[0] is output else None
+        return entry[1] if entry is not None and entry[0] == key else None

@@ -1,4 +1,4 @@
-"""frame.png is encoded once per published output and stream (deploy/overlays.py)."""
+"""frame.png and frame.jpg are encoded once per published output, stream and format (deploy/overlays.py)."""
 from __future__ import annotations
 
 import gc
