@@ -32,6 +32,8 @@ def source_type_of(uri: str) -> str:
 
     return ingest_source_type(uri)
 
+_FEEDER_SERIALS = itertools.count()
+
 # How long one blocking read (a Kafka poll) may take before the stop flag is checked again.
 POLL_INTERVAL_S = 0.25
 
@@ -76,6 +78,7 @@ class Feeder:
         self.stream_id = stream_id
         self.describe = describe
         self.status = FeederState()
+        self.serial = next(_FEEDER_SERIALS)  # tells a stream created again under the same id from the old one
         self._frames = frames
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"feeder-{stream_id}", daemon=True)

@@ -18,7 +18,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, Optional
 
-from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi import FastAPI, Header, HTTPException, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 
@@ -234,27 +234,36 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
 
     # -- outputs -------------------------------------------------------------------------------
 
-    def frame_picture(stream_id: str, cache: OverlayCache) -> Response:
+    def frame_picture(stream_id: str, cache: OverlayCache, if_none_match: Optional[str]) -> Response:
         feeder = registry.get(stream_id)
         output = _latest(slot, feeder)
         if output is None or output.record is None or output.rgb is None:  # none yet, or its pixels not kept
             return Response(status_code=204, headers={"Retry-After": "1"})
-        return Response(cache.picture(feeder, output), media_type=cache.media_type,
-                        headers={"Cache-Control": "no-store", "X-Frame-Index": str(output.record.frame_idx),
-                                 "X-Revision": str(output.record.revision)})
+        record = output.record
+        # The picture of one record never changes: a poller that has it gets 304 and no body (the
+        # console polls, and a browser revalidates by itself with `no-cache`). The feeder's serial
+        # tells a stream created again under the same id from the old one.
+        etag = f'"{feeder.serial}-{record.frame_idx}-{record.revision}"'
+        headers = {"Cache-Control": "private, no-cache", "ETag": etag,
+                   "X-Frame-Index": str(record.frame_idx), "X-Revision": str(record.revision)}
+        if if_none_match is not None and etag in (tag.strip().removeprefix("W/") for tag in if_none_match.split(",")):
+            return Response(status_code=304, headers=headers)
+        return Response(cache.picture(feeder, output), media_type=cache.media_type, headers=headers)
 
     @app.get("/streams/{stream_id}/frame.jpg", response_class=Response,
-             responses={200: {"content": {"image/jpeg": {}}}, 204: {"description": "no frame published yet"}})
-    def frame_jpeg(stream_id: str) -> Response:
+             responses={200: {"content": {"image/jpeg": {}}}, 204: {"description": "no frame published yet"},
+                        304: {"description": "the picture named by If-None-Match is still the latest"}})
+    def frame_jpeg(stream_id: str, if_none_match: Optional[str] = Header(None)) -> Response:
         """The latest published frame with its masks drawn (what the console shows); X-Frame-Index and
-        X-Revision name the record it shows."""
-        return frame_picture(stream_id, jpegs)
+        X-Revision name the record it shows, and If-None-Match with its ETag gets 304."""
+        return frame_picture(stream_id, jpegs, if_none_match)
 
     @app.get("/streams/{stream_id}/frame.png", response_class=Response,
-             responses={200: {"content": {"image/png": {}}}, 204: {"description": "no frame published yet"}})
-    def frame_png(stream_id: str) -> Response:
+             responses={200: {"content": {"image/png": {}}}, 204: {"description": "no frame published yet"},
+                        304: {"description": "the picture named by If-None-Match is still the latest"}})
+    def frame_png(stream_id: str, if_none_match: Optional[str] = Header(None)) -> Response:
         """As frame.jpg, lossless: about 6 times the bytes and 5 times the encoding time at 720p."""
-        return frame_picture(stream_id, pngs)
+        return frame_picture(stream_id, pngs, if_none_match)
 
     @app.get("/streams/{stream_id}/masklet", responses={204: {"description": "no record published yet"}})
     def masklet(stream_id: str) -> Response:

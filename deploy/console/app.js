@@ -86,7 +86,11 @@ async function refreshFrame() {
   const frameIdx = Number(response.headers.get("X-Frame-Index"));
   const revision = Number(response.headers.get("X-Revision") || 0);
   // A frame's picture changes only with a revision of its record (a late prompt reached it).
-  if (state.frameShown && frameIdx === state.frameIdx && revision === state.revision) return;
+  // (The browser revalidates with the picture's ETag, so an unchanged one comes back as 304, no body.)
+  if (state.frameShown && frameIdx === state.frameIdx && revision === state.revision) {
+    if (response.body) await response.body.cancel();  // an unread body would hold its connection
+    return;
+  }
   // Decode off-screen, then draw in one step: the canvas always holds a whole frame, so its size
   // (the video's size) is known at every click. An <img> whose src is swapped reports
   // naturalWidth 0 until the new frame decodes, and a click in that window used to be lost.

@@ -127,8 +127,12 @@ def test_stream_lifecycle_objects_frame_and_record(client, fake, clip):
     assert client.get("/streams/cam1").json()["objects"] == {"1": 5.0, "2": 5.0}
 
     # the fake draws masks on frames after the prompt: the next record shows both objects
-    record = wait_for(lambda: (r := client.get("/streams/cam1/masklet").json())["objects"] and r, message="masks")
-    assert {o["object_id"] for o in record["objects"]} == {1, 2}
+    # object 1 was added at frame 3, object 2 at the latest frame: wait for a record past both
+    def both_objects():
+        latest = client.get("/streams/cam1/masklet").json()
+        return {o["object_id"] for o in latest["objects"]} == {1, 2} and latest
+
+    record = wait_for(both_objects, message="masks of both objects")
     png = client.get("/streams/cam1/frame.png")
     assert png.headers["content-type"] == "image/png" and int(png.headers["X-Frame-Index"]) >= record["frame_idx"]
     pixels = np.asarray(Image.open(io.BytesIO(png.content)).convert("RGB"))

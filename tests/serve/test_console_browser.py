@@ -141,3 +141,45 @@ def test_shift_click_refines_with_a_negative_point_and_drag_draws_a_box(browser,
     assert box.action == "add" and box.object_id == 2 and box.box is not None
     x0, y0, x1, y1 = box.box
     assert x0 < x1 and y0 < y1 and all(0 <= v <= 96 for v in (x0, x1)) and all(0 <= v <= 64 for v in (y0, y1))
+
+
+class StatusRecorder:
+    """ASGI wrapper recording (path, status) of every response of the app it wraps."""
+
+    def __init__(self, app) -> None:
+        self.app, self.seen = app, []
+
+    async def __call__(self, scope, receive, send):
+        async def recording_send(message):
+            if message["type"] == "http.response.start":
+                self.seen.append((scope.get("path"), message["status"]))
+            await send(message)
+
+        await self.app(scope, receive, recording_send)
+
+
+def test_a_frame_the_console_has_is_revalidated_not_downloaded_again(browser, clip):
+    """frame.jpg carries an ETag and `private, no-cache`: once a stream stops publishing, the browser
+    asks with If-None-Match and the API answers 304 with no body."""
+    from selenium.webdriver.common.by import By
+
+    from tests.serve.fake_session import FakeLiveSession
+
+    fake = FakeLiveSession()
+    app = StatusRecorder(create_app(fake, ServeSettings(), token=TOKEN))
+    with LoopbackServer(app) as server:
+        client = Client(server.url)
+        client.post("/streams", json={"stream_id": "cam1", "source": str(clip), "realtime": False})
+        wait_for(lambda: client.get("/streams/cam1").json()["state"] == "finished", message="clip fed")
+        browser.get(server.url + "/")
+        browser.find_element(By.ID, "token").send_keys(TOKEN)
+        browser.find_element(By.ID, "token-save").click()
+        frame = browser.find_element(By.ID, "frame")
+        wait_for(lambda: shown_frame_width(browser, frame) == 96, timeout=30, message="the last frame shown")
+
+        def frames():
+            return [status for path, status in app.seen if path == "/streams/cam1/frame.jpg"]
+
+        answers = wait_for(lambda: len(f := frames()) >= 4 and f, timeout=30, message="the console polling")
+        assert answers[0] == 200 and set(answers[1:]) == {304}, answers  # downloaded once, then revalidated
+        assert int(browser.execute_script("return arguments[0].dataset.frameIdx", frame)) == 19

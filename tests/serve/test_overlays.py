@@ -116,3 +116,22 @@ def test_the_api_serves_a_finished_streams_picture_from_one_encoding(counted_ren
             assert len({a.content for a in answers}) == 1, fmt
             assert Image.open(io.BytesIO(answers[0].content)).size == (96, 64), fmt
         assert counted_renders == [("jpeg", 19), ("png", 19)], counted_renders
+
+        # a poller that has the picture gets 304 and no body; another tag, or none, gets the picture
+        etag = pictures["jpg"][0].headers["ETag"]
+        assert pictures["png"][0].headers["ETag"] == etag and pictures["jpg"][0].headers["Cache-Control"] == "private, no-cache"
+        unchanged = client.get("/streams/cam1/frame.jpg", headers={"If-None-Match": f'"x", W/{etag}'})
+        assert unchanged.status_code == 304 and unchanged.content == b"" and unchanged.headers["ETag"] == etag
+        assert unchanged.headers["X-Frame-Index"] == "19" and unchanged.headers["X-Revision"] == "0"
+        assert client.get("/streams/cam1/frame.jpg", headers={"If-None-Match": '"x"'}).status_code == 200
+        assert len(counted_renders) == 2  # still one encoding per format
+
+        # the same id created again is another stream: its pictures get other tags
+        assert client.delete("/streams/cam1").status_code == 204
+        recreated = wait_for(lambda: (r := client.post("/streams", json={"stream_id": "cam1", "source": str(clip),
+                                                                       "realtime": False})).status_code == 201 and r,
+                             message="cam1 created again")
+        assert recreated.status_code == 201
+        wait_for(lambda: client.get("/streams/cam1").json()["state"] == "finished", message="clip fed again")
+        again = client.get("/streams/cam1/frame.jpg", headers={"If-None-Match": etag})
+        assert again.status_code == 200 and again.headers["ETag"] != etag
