@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from pathlib import Path
 from typing import Any, Optional
 
@@ -70,6 +71,7 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
     registry = StreamRegistry(slot, limits=limits, kafka=kafka)
     hub = OutputHub(max_subscribers=limits_settings.max_event_streams)
     jpegs, pngs = OverlayCache("jpeg"), OverlayCache("png")  # one picture per stream, output and format
+    etag_prefix = secrets.token_hex(4)  # per app: a restarted replica's stream of the same id is another one
     if kafka_probe is None and kafka is not None:
         kafka_probe = KafkaProbe(kafka)
     heartbeat = heartbeat or Heartbeat()
@@ -241,9 +243,9 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
             return Response(status_code=204, headers={"Retry-After": "1"})
         record = output.record
         # The picture of one record never changes: a poller that has it gets 304 and no body (the
-        # console polls, and a browser revalidates by itself with `no-cache`). The feeder's serial
-        # tells a stream created again under the same id from the old one.
-        etag = f'"{feeder.serial}-{record.frame_idx}-{record.revision}"'
+        # console polls, and a browser revalidates by itself with `no-cache`). The app's prefix and the
+        # feeder's serial tell a stream created again under the same id from the old one.
+        etag = f'"{etag_prefix}-{feeder.serial}-{record.frame_idx}-{record.revision}"'
         headers = {"Cache-Control": "private, no-cache", "ETag": etag,
                    "X-Frame-Index": str(record.frame_idx), "X-Revision": str(record.revision)}
         if if_none_match is not None and etag in (tag.strip().removeprefix("W/") for tag in if_none_match.split(",")):
