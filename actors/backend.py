@@ -193,7 +193,7 @@ class InProcessBackend(Backend):
             value, error = None, exc
         except Exception as exc:  # noqa: BLE001 - the caller decides what a failed call means
             value, error = None, ActorCallError(f"{actor.name}.{method}: {type(exc).__name__}: {exc}",
-                                                _first_line(exc), type(exc).__name__)
+                                                first_line(exc), type(exc).__name__)
             error.__cause__ = exc
         if num_returns == 1:
             return LocalFuture(value, error, next(self._seq))
@@ -391,16 +391,17 @@ def ray_failure(ray: Any, exc: BaseException) -> Exception:
         cause = exc.cause if getattr(exc, "cause", None) is not None else exc
         if isinstance(cause, (ActorDiedError, MemoryError)) or (
                 isinstance(cause, errors.RayError) and not isinstance(cause, errors.RayTaskError)):
-            return ActorDiedError(f"{type(cause).__name__}: {_first_line(cause)}")
-        return ActorCallError(f"{type(cause).__name__}: {_first_line(cause)}", _first_line(cause), type(cause).__name__)
+            return ActorDiedError(f"{type(cause).__name__}: {first_line(cause)}")
+        return ActorCallError(f"{type(cause).__name__}: {first_line(cause)}", first_line(cause), type(cause).__name__)
     if isinstance(exc, errors.UnserializableException):
-        return ActorCallError(_first_line(exc), _first_line(exc), "UnserializableException")
+        return ActorCallError(first_line(exc), first_line(exc), "UnserializableException")
     if isinstance(exc, errors.RayError):  # RayActorError, OutOfMemoryError, NodeDiedError, WorkerCrashedError, ...
-        return ActorDiedError(f"{type(exc).__name__}: {_first_line(exc)}")
+        return ActorDiedError(f"{type(exc).__name__}: {first_line(exc)}")
     return exc
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """An exception's first line of text (its type's name when it has none): what users are shown."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 

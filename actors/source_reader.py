@@ -21,6 +21,7 @@ import queue
 import threading
 from typing import Any, Callable, Iterator
 
+from masklet.actors.backend import first_line
 from masklet.actors.runtime import in_actor_process, keep_freed_memory, limit_threads
 from masklet.actors.sources import set_decode_threads
 
@@ -65,8 +66,7 @@ class _Source:
                     return
             self._offer(("end", None))
         except Exception as exc:  # noqa: BLE001 - any failure of the source ends it, with its reason
-            text = str(exc).strip().splitlines()
-            self._offer(("error", text[0] if text else type(exc).__name__))
+            self._offer(("error", first_line(exc)))
 
     def _offer(self, item: tuple[str, Any]) -> bool:
         while not self.stop.is_set():

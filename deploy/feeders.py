@@ -32,7 +32,6 @@ def source_type_of(uri: str) -> str:
 
     return ingest_source_type(uri)
 
-_FEEDER_SERIALS = itertools.count()
 
 # How long one blocking read (a Kafka poll) may take before the stop flag is checked again.
 POLL_INTERVAL_S = 0.25
@@ -64,6 +63,9 @@ class FeedFrame:
         if isinstance(self.rgb, (EncodedImage, StoredFrame)):
             return self.rgb.height, self.rgb.width
         return tuple(self.rgb.shape[:2])
+
+
+_FEEDER_SERIALS = itertools.count()
 
 
 class Feeder:

@@ -239,7 +239,7 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
     def frame_picture(stream_id: str, cache: OverlayCache, if_none_match: Optional[str]) -> Response:
         feeder = registry.get(stream_id)
         output = _latest(slot, feeder)
-        if output is None or output.record is None or output.rgb is None:  # none yet, or its pixels not kept
+        if output is None or output.record is None:  # none yet
             return Response(status_code=204, headers={"Retry-After": "1"})
         record = output.record
         # The picture of one record never changes: a poller that has it gets 304 and no body (the
@@ -249,7 +249,9 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
         headers = {"Cache-Control": "private, no-cache", "ETag": etag,
                    "X-Frame-Index": str(record.frame_idx), "X-Revision": str(record.revision)}
         if if_none_match is not None and etag in (tag.strip().removeprefix("W/") for tag in if_none_match.split(",")):
-            return Response(status_code=304, headers=headers)
+            return Response(status_code=304, headers=headers)  # before the pixels: a 304 never fetches them
+        if output.rgb is None:  # its pixels not kept (a 200 of this record never went out, so no tag matched)
+            return Response(status_code=204, headers={"Retry-After": "1"})
         return Response(cache.picture(feeder, output), media_type=cache.media_type, headers=headers)
 
     @app.get("/streams/{stream_id}/frame.jpg", response_class=Response,
