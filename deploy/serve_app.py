@@ -27,6 +27,7 @@ from masklet.deploy.api_models import AddObject, CreateStream, Health, ObjectAcc
 from masklet.deploy.api_runtime import KafkaProbe, OutputHub, SessionSlot, StreamRegistry
 from masklet.deploy.api_limits import deployment_limits, in_flight_cap
 from masklet.deploy.api_security import ApiLimits, GuardMiddleware
+from masklet.deploy.api_threads import ApiThreads
 from masklet.deploy.health_listener import Heartbeat, readiness
 from masklet.deploy.overlays import OverlayCache
 from masklet.actors.messages import MessageError
@@ -75,6 +76,9 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
     if kafka_probe is None and kafka is not None:
         kafka_probe = KafkaProbe(kafka)
     heartbeat = heartbeat or Heartbeat()
+    # Routes are coroutines; their blocking work runs in the app's own threads (api_threads: FastAPI's
+    # sync routes would start a thread per request in a Serve replica). Sized to the in-flight cap.
+    threads = ApiThreads(max_workers=max(4, max_in_flight))
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -84,6 +88,7 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
         finally:
             beating.cancel()
             registry.shutdown()  # stop the feeders; the session's owner shuts the session down
+            threads.shutdown()
 
     app = FastAPI(lifespan=lifespan, title="Masklet control API", version="1", docs_url=None, redoc_url=None, openapi_url=None,
                   description="Live SAM 2 video segmentation: streams, objects, masklets. "
@@ -118,16 +123,19 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
     # -- console, schema, health, metrics ------------------------------------------------------
 
     @app.get("/", include_in_schema=False)
+    @threads.offload
     def console() -> FileResponse:
         return FileResponse(CONSOLE_DIR / "index.html", headers={"Cache-Control": "no-store"})
 
     @app.get("/console/{name}", include_in_schema=False)
+    @threads.offload
     def console_asset(name: str) -> FileResponse:
         if name not in ("index.html", "app.js", "style.css"):
             raise HTTPException(404, "not found")
         return FileResponse(CONSOLE_DIR / name, headers={"Cache-Control": "no-store"})
 
     @app.get("/openapi.json", include_in_schema=False)
+    @threads.offload
     def openapi() -> JSONResponse:
         return JSONResponse(app.openapi())
 
@@ -136,6 +144,7 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
         return Health(status="ok", ready=slot.state == "ready")
 
     @app.get("/health/ready", response_model=Health, responses={503: {"model": Health}})
+    @threads.offload
     def health_ready(response: Response) -> Health:
         code, body = readiness(slot.state, slot.error, kafka_probe)
         if code != 200:
@@ -144,6 +153,7 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
         return Health(**body)
 
     @app.get("/metrics", response_class=Response)
+    @threads.offload
     def metrics() -> Response:
         from masklet.monitoring.exporter import CONTENT_TYPE_LATEST, render_latest
         from masklet.monitoring.stats import merge
@@ -160,14 +170,17 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
                              error=feeder.status.error)
 
     @app.post("/streams", status_code=201, response_model=StreamSummary)
+    @threads.offload
     def create_stream(request: CreateStream) -> StreamSummary:
         return summary(registry.create(request))
 
     @app.get("/streams", response_model=list[StreamSummary])
+    @threads.offload
     def list_streams() -> list[StreamSummary]:
         return [summary(feeder) for feeder in registry.all()]
 
     @app.get("/streams/{stream_id}", response_model=StreamDetail)
+    @threads.offload
     def get_stream(stream_id: str) -> StreamDetail:
         feeder = registry.get(stream_id)
         base = summary(feeder).model_dump()
@@ -182,6 +195,7 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
                             objects={int(k): float(v) for k, v in status.objects.items()})
 
     @app.delete("/streams/{stream_id}", status_code=204, response_class=Response)
+    @threads.offload
     def delete_stream(stream_id: str) -> Response:
         registry.delete(stream_id)
         return Response(status_code=204)
@@ -216,6 +230,7 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
         return ObjectAccepted(stream_id=stream_id, object_id=object_id, frame_idx=frame_idx, action=action)
 
     @app.post("/streams/{stream_id}/objects", status_code=202, response_model=ObjectAccepted)
+    @threads.offload
     def add_object(stream_id: str, body: AddObject) -> ObjectAccepted:
         feeder = registry.get(stream_id)
         if feeder.status.size is not None:  # a refused prompt must not use up an object id
@@ -227,16 +242,21 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
         return submit(stream_id, object_id, body, "add")
 
     @app.post("/streams/{stream_id}/objects/{object_id}/refine", status_code=202, response_model=ObjectAccepted)
+    @threads.offload
     def refine_object(stream_id: str, object_id: int, body: RefineObject) -> ObjectAccepted:
         return submit(stream_id, object_id, body, "refine")
 
     @app.delete("/streams/{stream_id}/objects/{object_id}", status_code=202, response_model=ObjectAccepted)
+    @threads.offload
     def remove_object(stream_id: str, object_id: int) -> ObjectAccepted:
         return submit(stream_id, object_id, None, "remove")
 
     # -- outputs -------------------------------------------------------------------------------
 
-    def frame_picture(stream_id: str, cache: OverlayCache, if_none_match: Optional[str]) -> Response:
+    # The frame routes answer on the event loop: all but one request per published output get a 304
+    # or an already encoded picture, and a thread hand-off would cost more than that answer (GIL
+    # switches per request, queued with everything else under a flood). Only the encoding is offloaded.
+    async def frame_picture(stream_id: str, cache: OverlayCache, if_none_match: Optional[str]) -> Response:
         feeder = registry.get(stream_id)
         output = _latest(slot, feeder)
         if output is None or output.record is None:  # none yet
@@ -250,26 +270,30 @@ def create_app(session: Any, settings: Optional[ServeSettings] = None, *, token:
                    "X-Frame-Index": str(record.frame_idx), "X-Revision": str(record.revision)}
         if if_none_match is not None and etag in (tag.strip().removeprefix("W/") for tag in if_none_match.split(",")):
             return Response(status_code=304, headers=headers)  # before the pixels: a 304 never fetches them
-        if output.rgb is None:  # its pixels not kept (a 200 of this record never went out, so no tag matched)
+        picture = cache.cached(feeder, output)
+        if picture is None:  # the first request for this output: its pixels are fetched and encoded off the loop
+            picture = await threads.run(_encoded, cache, feeder, output)
+        if picture is None:  # its pixels not kept (a 200 of this record never went out, so no tag matched)
             return Response(status_code=204, headers={"Retry-After": "1"})
-        return Response(cache.picture(feeder, output), media_type=cache.media_type, headers=headers)
+        return Response(picture, media_type=cache.media_type, headers=headers)
 
     @app.get("/streams/{stream_id}/frame.jpg", response_class=Response,
              responses={200: {"content": {"image/jpeg": {}}}, 204: {"description": "no frame published yet"},
                         304: {"description": "the picture named by If-None-Match is still the latest"}})
-    def frame_jpeg(stream_id: str, if_none_match: Optional[str] = Header(None)) -> Response:
+    async def frame_jpeg(stream_id: str, if_none_match: Optional[str] = Header(None)) -> Response:
         """The latest published frame with its masks drawn (what the console shows); X-Frame-Index and
         X-Revision name the record it shows, and If-None-Match with its ETag gets 304."""
-        return frame_picture(stream_id, jpegs, if_none_match)
+        return await frame_picture(stream_id, jpegs, if_none_match)
 
     @app.get("/streams/{stream_id}/frame.png", response_class=Response,
              responses={200: {"content": {"image/png": {}}}, 204: {"description": "no frame published yet"},
                         304: {"description": "the picture named by If-None-Match is still the latest"}})
-    def frame_png(stream_id: str, if_none_match: Optional[str] = Header(None)) -> Response:
+    async def frame_png(stream_id: str, if_none_match: Optional[str] = Header(None)) -> Response:
         """As frame.jpg, lossless: about 6 times the bytes and 5 times the encoding time at 720p."""
-        return frame_picture(stream_id, pngs, if_none_match)
+        return await frame_picture(stream_id, pngs, if_none_match)
 
     @app.get("/streams/{stream_id}/masklet", responses={204: {"description": "no record published yet"}})
+    @threads.offload
     def masklet(stream_id: str) -> Response:
         output = _latest(slot, registry.get(stream_id))
         if output is None or output.record is None:
@@ -323,6 +347,12 @@ def _session_status(slot: SessionSlot, feeder: Any) -> Any:
         return slot.session.status(feeder.stream_id)
     except (KeyError, ValueError):
         return feeder.status.last_status  # ended and closed: its final figures
+
+
+def _encoded(cache: OverlayCache, feeder: Any, output: Any) -> Optional[bytes]:
+    """`output`'s picture, or None when its pixels are not kept. In a worker thread: `rgb` may fetch
+    the frame from Ray's object store, and encoding takes milliseconds."""
+    return None if output.rgb is None else cache.picture(feeder, output)
 
 
 def _latest(slot: SessionSlot, feeder: Any) -> Any:

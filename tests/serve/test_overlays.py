@@ -135,3 +135,76 @@ def test_the_api_serves_a_finished_streams_picture_from_one_encoding(counted_ren
         wait_for(lambda: client.get("/streams/cam1").json()["state"] == "finished", message="clip fed again")
         again = client.get("/streams/cam1/frame.jpg", headers={"If-None-Match": etag})
         assert again.status_code == 200 and again.headers["ETag"] != etag
+
+
+def test_an_encoded_picture_and_a_304_need_no_worker_thread(monkeypatch, clip):
+    """frame.jpg/png answer on the event loop once their picture exists: with the app's one worker
+    thread held by an encoding, they still answer (a sync route would wait for the thread)."""
+    import anyio.to_thread
+
+    release, started = threading.Event(), threading.Event()
+    real = overlays.overlay_image
+
+    def slow_png(out, fmt):
+        if fmt == "png":
+            started.set()
+            release.wait(60)
+        return real(out, fmt)
+
+    monkeypatch.setattr(overlays, "overlay_image", slow_png)
+    app = create_app(FakeLiveSession(), ServeSettings(), token=TOKEN)
+
+    async def one_worker_thread(scope, receive, send):
+        anyio.to_thread.current_default_thread_limiter().total_tokens = 1
+        await app(scope, receive, send)
+
+    with LoopbackServer(one_worker_thread) as server:
+        client = Client(server.url)
+        assert client.post("/streams", json={"stream_id": "cam1", "source": str(clip), "realtime": False}).status_code == 201
+        wait_for(lambda: client.get("/streams/cam1").json()["state"] == "finished", message="clip fed")
+        first = client.get("/streams/cam1/frame.jpg")
+        assert first.status_code == 200
+        stuck: list = []
+        png = threading.Thread(target=lambda: stuck.append(client.get("/streams/cam1/frame.png", timeout=60)))
+        png.start()
+        try:
+            assert started.wait(30), "the png encoding did not start"
+            again = Client(server.url).get("/streams/cam1/frame.jpg", timeout=10)
+            assert again.status_code == 200 and again.content == first.content
+            tagged = Client(server.url).get("/streams/cam1/frame.jpg", headers={"If-None-Match": first.headers["ETag"]},
+                                            timeout=10)
+            assert tagged.status_code == 304
+            assert not stuck, "the png answered before its encoding was released"
+        finally:
+            release.set()
+            png.join(60)
+        assert stuck and stuck[0].status_code == 200 and stuck[0].headers["content-type"] == "image/png"
+
+
+@pytest.mark.parametrize("kept", [True, False])
+def test_pixels_are_fetched_off_the_event_loop_and_a_record_without_pixels_gets_204(kept, clip, monkeypatch):
+    """`rgb` may be a ray.get from the object store: it runs in one of the app's threads, never on
+    the loop; a record whose pixels were not kept has no picture (204 + Retry-After)."""
+    from tests.serve import fake_session
+
+    fetched_in: list[str] = []
+    real_output = fake_session.LiveOutput
+
+    def output_with(record, tokens, fetch_rgb=None):
+        def fetch():
+            fetched_in.append(threading.current_thread().name)
+            return fetch_rgb()
+
+        return real_output(record, tokens, fetch_rgb=fetch if kept else None)
+
+    monkeypatch.setattr(fake_session, "LiveOutput", output_with)
+    with LoopbackServer(create_app(FakeLiveSession(), ServeSettings(), token=TOKEN)) as server:
+        client = Client(server.url)
+        assert client.post("/streams", json={"stream_id": "cam1", "source": str(clip), "realtime": False}).status_code == 201
+        wait_for(lambda: client.get("/streams/cam1").json()["state"] == "finished", message="clip fed")
+        answer = client.get("/streams/cam1/frame.jpg")
+        if kept:
+            assert answer.status_code == 200 and answer.headers["X-Frame-Index"] == "19"
+            assert fetched_in and all(name.startswith("masklet-api") for name in fetched_in), fetched_in
+        else:
+            assert answer.status_code == 204 and answer.headers["Retry-After"] == "1" and not fetched_in
