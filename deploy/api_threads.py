@@ -5,9 +5,12 @@ worker threads in a ContextVar and stops each worker when the "root task" it was
 ends. A Ray Serve replica's event loop has no root task of the kind anyio looks for (the loop runs
 forever and each request is a task of its own), so under Serve every such call started a new thread,
 waited on the event loop for it to start, and stopped it when the request ended; before that it
-scanned all the loop's tasks for a root. Measured in a direct-ingress replica during a flood of
-frame.jpg requests (bench/serve_overload_bench.py, 720p clip, py-spy for 4 s): 195-225 distinct
-anyio worker threads, and starting them took 15% of the event loop's samples.
+scanned all the loop's tasks for a root. Measured in a direct-ingress replica during a 720p
+frame.jpg flood (bench/serve_overload_bench.py, py-spy for 4 s), with only each output's first
+request still handed to anyio: 195-225 distinct anyio worker threads, whose starts took 15% of the
+event loop's samples. A loop run the same way without Ray started 50 threads for 50 requests
+(tests/serve/test_api_threads.py). With this pool, floods of a formerly sync route were answered at
+784-1,026 requests/s instead of 635-813, side by side (README "Benchmarks").
 
 So the routes are `async def`, and their blocking parts (locks held by the session's driver, Ray
 calls, file reads, encoding) run in this pool, whose threads live as long as the app. Calls beyond
