@@ -16,7 +16,7 @@ def ray_serve(monkeypatch):
         yield port
 
 
-def test_serve_app_answers_on_loopback(ray_serve, clip):
+def test_serve_app_answers_and_listens_on_loopback_only(ray_serve, clip):
     from ray import serve
 
     from masklet.deploy.serve_deployment import app
@@ -40,16 +40,12 @@ def test_serve_app_answers_on_loopback(ray_serve, clip):
     assert record["schema"] == "masklet/v1" and record["width"] == 96
     assert "masklet_frames_in_total" in client.get("/metrics").text
     assert client.delete("/streams/cam1").status_code == 204
+    _every_server_of_the_ray_session_listens_on_loopback_only()
 
 
-def test_every_server_of_the_ray_session_listens_on_loopback_only(ray_serve):
-    """Ray's GCS, raylet, workers and agents, and Serve's proxy: nothing reachable from another machine."""
-    from ray import serve
-
-    from masklet.deploy.serve_deployment import app
-
-    options = {"checkpoint": "random", "image_size": 256, "device": "cpu", "token": TOKEN, "max_batch_size": 2}
-    serve.run(app(options), name="masklet", route_prefix="/")
+def _every_server_of_the_ray_session_listens_on_loopback_only() -> None:
+    """Ray's GCS, raylet, workers and agents, Serve's proxy and the replica's health listener: nothing
+    reachable from another machine. Checked in the test above's Serve session (its own cost ~20 s)."""
     sockets = listening_sockets_of_descendants(os.getpid())
     names = {name for _, _, name in sockets}
     assert {"gcs_server", "raylet"} <= names, sockets  # the probe does see Ray's servers
