@@ -30,7 +30,6 @@ class ApiThreads:
     def __init__(self, max_workers: int) -> None:
         if max_workers < 1:
             raise ValueError(f"max_workers must be >= 1, got {max_workers}")
-        self.max_workers = max_workers
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="masklet-api")
 
     async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

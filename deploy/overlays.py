@@ -70,13 +70,13 @@ class OverlayCache:
         a stream's latest output only moves forward (live_round: a revision of an older frame does not
         move it back) and a revision raises the pair. Only the picture is kept, not the frame."""
         key = _order(output)
-        cached = self.cached(stream, output)
+        cached = self._cached(stream, key)
         if cached is not None:
             return cached
         with self._lock:
             encoding = self._encoding.setdefault(stream, threading.Lock())
         with encoding:
-            cached = self.cached(stream, output)  # encoded while this request waited
+            cached = self._cached(stream, key)  # encoded while this request waited
             if cached is not None:
                 return cached
             picture = self._render(output, self.fmt)
@@ -91,6 +91,9 @@ class OverlayCache:
     def cached(self, stream: Any, output: Any) -> Optional[bytes]:
         """`output`'s picture if it is already encoded, else None; never waits for an encoding (the
         lock it takes guards two dict lookups): what the API answers on its event loop."""
+        return self._cached(stream, _order(output))
+
+    def _cached(self, stream: Any, key: tuple[int, int]) -> Optional[bytes]:
         with self._lock:
             entry = self._latest.get(stream)
-        return entry[1] if entry is not None and entry[0] == _order(output) else None
+        return entry[1] if entry is not None and entry[0] == key else None

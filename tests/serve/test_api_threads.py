@@ -72,7 +72,7 @@ def test_routes_reuse_the_apps_threads_on_a_loop_without_a_root_task(thread_star
         assert {a.status_code for a in answers} == {200}, [a.status_code for a in answers]
         new = thread_starts[len(before):]
         # 50 requests, one after another: the pool's one thread does their blocking work (a thread per
-        # request before: 40 here, one per sync route call); frame.jpg's one encoding may add one
+        # request before: 50 here, one per sync route call); frame.jpg's one encoding may add one
         assert len(new) <= 2, f"{len(new)} threads started for 50 requests: {new[:10]}"
         assert all(name.startswith("masklet-api") for name in new), new
 

@@ -139,8 +139,11 @@ def test_the_api_serves_a_finished_streams_picture_from_one_encoding(counted_ren
 
 def test_an_encoded_picture_and_a_304_need_no_worker_thread(monkeypatch, clip):
     """frame.jpg/png answer on the event loop once their picture exists: with the app's one worker
-    thread held by an encoding, they still answer (a sync route would wait for the thread)."""
+    thread held by an encoding, they still answer (a sync route would wait for the thread). Both
+    kinds of worker threads are cut to one: the app's pool and anyio's (FastAPI's sync routes)."""
     import anyio.to_thread
+
+    from masklet.deploy import serve_app
 
     release, started = threading.Event(), threading.Event()
     real = overlays.overlay_image
@@ -152,6 +155,8 @@ def test_an_encoded_picture_and_a_304_need_no_worker_thread(monkeypatch, clip):
         return real(out, fmt)
 
     monkeypatch.setattr(overlays, "overlay_image", slow_png)
+    real_threads = serve_app.ApiThreads
+    monkeypatch.setattr(serve_app, "ApiThreads", lambda max_workers: real_threads(1))
     app = create_app(FakeLiveSession(), ServeSettings(), token=TOKEN)
 
     async def one_worker_thread(scope, receive, send):
